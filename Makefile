@@ -1,0 +1,59 @@
+# The two commands of the README: `make launch` and `make test`. Both set up .venv if missing.
+SHELL := /bin/bash
+PY := .venv/bin/python
+CONFIG ?= configs/cpu-demo.yaml
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export RAY_AUTH_MODE ?= disabled
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+
+.PHONY: install test test-fast test-slow lint format launch bench bench-logprobs bench-rollout bench-train eval sft ui clean
+
+.venv/.installed: pyproject.toml constraints.txt scripts/setup_env.sh
+	bash scripts/setup_env.sh
+
+install: .venv/.installed
+
+# Everything CI runs: fast unit tests, then the slow end-to-end ones.
+test: install
+	$(PY) -m pytest -q -ra
+
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -ra -m slow
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+launch: install
+	$(PY) -m launch --config $(CONFIG) $(ARGS)
+
+bench: bench-logprobs bench-rollout bench-train
+
+bench-logprobs: install
+	$(PY) scripts/bench_logprobs.py
+
+bench-rollout: install
+	$(PY) scripts/bench_rollout.py
+
+bench-train: install
+	$(PY) scripts/bench_train.py
+
+eval: install
+	$(PY) -m trainer.eval --model $(MODEL) $(ARGS)
+
+sft: install
+	$(PY) -m trainer.sft --config $(CONFIG) $(ARGS)
+
+ui: install
+	$(PY) -m launch.ui $(ARGS)
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

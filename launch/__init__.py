@@ -1,0 +1,1 @@
+"""launch package: imports nothing heavy on purpose (see STYLE.md #10)."""

@@ -1,0 +1,1 @@
+"""rollout_server package: imports nothing heavy on purpose (see STYLE.md #10)."""

@@ -1,0 +1,1 @@
+"""trainer package: imports nothing heavy on purpose (see STYLE.md #10)."""
