@@ -1,0 +1,194 @@
+"""Rollout server entry point: serve a causal LM for GRPO rollouts and take weight updates from the trainer.
+
+    python -m rollout_server --model Qwen/Qwen2.5-0.5B-Instruct --backend vllm --port 8000
+    python -m rollout_server --model /path/to/tiny-model --backend torch --port 8000
+
+Prints one line starting with "READY" once it serves. Binds 127.0.0.1 by default; a non-loopback host needs
+--api-token (or --allow-insecure-remote). Bad arguments exit with status 2 and a message saying which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def default_backend() -> str:
+    """vllm where CUDA and vLLM are importable, torch otherwise."""
+    if importlib.util.find_spec("vllm") is None:
+        return "torch"
+    try:
+        import torch
+
+        return "vllm" if torch.cuda.is_available() else "torch"
+    except Exception:
+        return "torch"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rollout_server", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="Hugging Face hub id or local model directory.")
+    p.add_argument(
+        "--backend",
+        choices=["vllm", "torch", "auto"],
+        default="auto",
+        help="Generation backend (default auto: vllm if CUDA and vLLM are importable, else torch).",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="Bind address (default 127.0.0.1).")
+    p.add_argument("--port", type=int, default=8000, help="Port (default 8000).")
+    p.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallel GPUs (default 1)."
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="vLLM fraction of GPU memory for weights + KV cache, in (0, 1] (default 0.9).",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="Context length (prompt + completion); default: the model's.",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="Weights dtype (default auto: bf16 on GPU for vLLM, float32 on CPU for torch).",
+    )
+    p.add_argument("--device", default=None, help="torch backend device, e.g. cpu or cuda:0 (default: auto).")
+    p.add_argument(
+        "--api-token",
+        default=os.environ.get("ROLLOUT_API_TOKEN"),
+        help="Bearer token for admin routes (weight transfer, pause/resume). Env: ROLLOUT_API_TOKEN.",
+    )
+    p.add_argument(
+        "--require-token-for-generation",
+        action="store_true",
+        help="Also require the token on /generate and the OpenAI routes.",
+    )
+    p.add_argument(
+        "--allow-insecure-remote",
+        action="store_true",
+        help="Allow a non-loopback --host without --api-token (anyone reaching it can change weights).",
+    )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=1 << 22,
+        help="Refuse a request whose prompts*n + n*max_tokens exceeds this (default 4194304).",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=64 << 20, help="Request body limit (default 64 MiB)."
+    )
+    p.add_argument(
+        "--weight-transfer-bucket-bytes",
+        type=int,
+        default=256 << 20,
+        help="vLLM only: packed bucket size fixed at /init_weight_transfer (default 256 MiB); "
+        "updates must use the same bucket_bytes.",
+    )
+    p.add_argument("--served-model-name", default=None, help="Name reported by /health and /v1/models.")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: must be in 1..65535")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        parser.error(f"--gpu-memory-utilization {args.gpu_memory_utilization}: must be in (0, 1]")
+    if args.tensor_parallel_size < 1:
+        parser.error("--tensor-parallel-size: must be >= 1")
+    if args.max_model_len is not None and args.max_model_len < 16:
+        parser.error("--max-model-len: must be >= 16")
+    if args.max_batch_tokens < 1 or args.max_body_bytes < 1024:
+        parser.error("--max-batch-tokens must be >= 1 and --max-body-bytes >= 1024")
+    # A hub id is "org/name"; anything path-like must be an existing directory.
+    looks_local = args.model.startswith((".", "/", "~")) or args.model.count("/") > 1
+    if looks_local and not Path(args.model).expanduser().is_dir():
+        parser.error(f"--model {args.model}: no such directory")
+    if args.host not in LOOPBACK_HOSTS and not args.api_token and not args.allow_insecure_remote:
+        parser.error(f"--host {args.host} is not loopback: set --api-token (or pass --allow-insecure-remote)")
+    if args.require_token_for_generation and not args.api_token:
+        parser.error("--require-token-for-generation needs --api-token")
+    if args.backend in (None, "auto"):
+        args.backend = default_backend()
+    if args.backend == "vllm" and default_backend() != "vllm":
+        parser.error(
+            "--backend vllm needs CUDA and the vllm package (pip install '.[vllm]'); use --backend torch"
+        )
+    if args.backend == "torch" and args.tensor_parallel_size != 1:
+        parser.error("--tensor-parallel-size > 1 needs --backend vllm")
+
+
+def make_backend(args: argparse.Namespace):
+    if args.backend == "vllm":
+        from rollout_server.vllm_backend import VLLMBackend
+
+        return VLLMBackend.from_cli(args)
+    from rollout_server.torch_backend import TorchBackend
+
+    return TorchBackend(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate(args, parser)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import uvicorn
+
+    from rollout_server.app import ServerState, build_asgi
+
+    try:
+        backend = make_backend(args)
+    except (OSError, ValueError) as e:
+        print(f"error: could not load --model {args.model}: {e}", file=sys.stderr)
+        return 2
+    if args.served_model_name:
+        backend.info.model = args.served_model_name
+    state = ServerState(
+        backend=backend,
+        api_token=args.api_token,
+        require_token_for_generation=args.require_token_for_generation,
+        max_body_bytes=args.max_body_bytes,
+        max_batch_tokens=args.max_batch_tokens,
+    )
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if not self.should_exit:
+                print(
+                    f"READY rollout_server on http://{args.host}:{args.port} model={backend.info.model} "
+                    f"backend={args.backend} max_model_len={backend.info.max_model_len}",
+                    flush=True,
+                )
+
+    config = uvicorn.Config(
+        build_asgi(state),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    try:
+        Server(config).run()
+    finally:
+        backend.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""Trainer-side clients of the rollout server: generation (`RolloutClient`) and weight sync (`WeightSyncClient`).
+
+Runnable example (start a server first: `python -m rollout_server --model <dir> --backend torch --port 8000`)::
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from rollout_server.client import RolloutClient, WeightSyncClient
+    from rollout_server.protocol import GenerateRequest, WeightManifest
+
+    client = RolloutClient("http://127.0.0.1:8000")
+    client.wait_until_ready(timeout_s=120)
+    res = client.generate(GenerateRequest(prompts=["1 + 1 ="], n=4, max_tokens=16, temperature=1.0, seed=0))
+    for c in res.completions:
+        print(c.prompt_index, c.finish_reason, repr(c.text), sum(c.logprobs))
+
+    model = AutoModelForCausalLM.from_pretrained("<dir>")          # the trainer's copy
+    sync = WeightSyncClient("http://127.0.0.1:8000")                # or a list of URLs: one group, one broadcast
+    sync.init_transfer("127.0.0.1", 29555, backend="gloo")          # once
+    named = list(model.state_dict().items())
+    stats = sync.push(WeightManifest.from_named_tensors(named), iter(named), version=1, bucket_bytes=64 << 20)
+    print(stats)                                                    # every server now serves version 1
+    sync.close()
+
+`push` sends ONE request per server per sync, then broadcasts the packed buckets (see protocol.plan_buckets)
+while consuming `tensors` lazily in manifest order, so a ZeRO-3 trainer can gather parameters bucket by
+bucket. A refused manifest raises `WeightSyncRejected` before any byte moved (the group stays usable); a
+failure during the transfer raises `WeightSyncError` and the servers keep their old weights (call
+`init_transfer` again). This module imports only torch, httpx and pydantic.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import httpx
+import torch
+
+from rollout_server import protocol as P
+from rollout_server.weight_transfer import (
+    TransferGroup,
+    WeightTransferError,
+    go_key,
+    iter_packed_buckets,
+    join_group,
+    join_pynccl_trainer,
+    open_store,
+    status_key,
+)
+
+DEFAULT_BUCKET_BYTES = 64 << 20
+
+
+class RolloutServerUnavailable(RuntimeError):
+    """The server did not answer (connection error / 5xx) after all retries."""
+
+
+class RolloutServerError(RuntimeError):
+    """The server refused the request (4xx); `status` and the server's message are kept."""
+
+    def __init__(self, status: int, message: str, url: str = ""):
+        super().__init__(f"{url}: HTTP {status}: {message}")
+        self.status, self.message, self.url = status, message, url
+
+
+class WeightSyncRejected(RolloutServerError):
+    """A server refused the update before any byte moved; old weights serve, the group is still usable."""
+
+
+class WeightSyncError(RuntimeError):
+    """The transfer failed midway; servers keep their old weights; call `init_transfer` again."""
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _message(r: httpx.Response) -> str:
+    try:
+        return str(r.json().get("error") or r.json())
+    except Exception:
+        return r.text[:500]
+
+
+class RolloutClient:
+    """Generation client: retries connection errors and 5xx with exponential backoff."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_token: str | None = None,
+        timeout_s: float = 600.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.retries, self.backoff_s = retries, backoff_s
+        self._http = httpx.Client(base_url=self.base_url, headers=_headers(api_token), timeout=timeout_s)
+
+    def _request(self, method: str, route: str, json: dict | None = None, retries: int | None = None) -> dict:
+        attempts = (self.retries if retries is None else retries) + 1
+        last = ""
+        for i in range(attempts):
+            try:
+                r = self._http.request(method, route, json=json)
+                if r.status_code < 500:
+                    if r.status_code >= 400:
+                        raise RolloutServerError(r.status_code, _message(r), self.base_url + route)
+                    return r.json()
+                last = f"HTTP {r.status_code}: {_message(r)}"
+            except httpx.TransportError as e:  # connect / read errors and timeouts
+                last = f"{type(e).__name__}: {e}"
+            if i + 1 < attempts:
+                time.sleep(self.backoff_s * 2**i)
+        raise RolloutServerUnavailable(f"{self.base_url}{route} failed after {attempts} attempts: {last}")
+
+    def health(self) -> P.HealthResponse:
+        return P.HealthResponse.model_validate(self._request("GET", P.ROUTE_HEALTH, retries=0))
+
+    def wait_until_ready(self, timeout_s: float = 300.0, poll_s: float = 0.5) -> P.HealthResponse:
+        deadline = time.monotonic() + timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                h = self.health()
+                if h.ready:
+                    return h
+                last = "server reports ready=false (paused)"
+            except (RolloutServerUnavailable, RolloutServerError) as e:
+                last = str(e)
+            time.sleep(poll_s)
+        raise RolloutServerUnavailable(f"{self.base_url} not ready within {timeout_s:.0f}s: {last}")
+
+    def generate(self, req: P.GenerateRequest) -> P.GenerateResponse:
+        body = req.model_dump(exclude_none=True)
+        return P.GenerateResponse.model_validate(self._request("POST", P.ROUTE_GENERATE, json=body))
+
+    def close(self) -> None:
+        self._http.close()
+
+
+@dataclass
+class SyncStats:
+    version: int
+    bytes: int
+    num_tensors: int
+    num_buckets: int
+    seconds: float = 0.0  # whole push, as seen by the trainer
+    handshake_s: float = 0.0  # requests sent -> every server said ok
+    send_s: float = 0.0  # packing + broadcasting every bucket
+    servers: list[P.UpdateWeightsResponse] = field(default_factory=list)
+
+
+class WeightSyncClient:
+    """Pushes weights to one or more servers over ONE dedicated process group (trainer = rank 0).
+
+    Servers take ranks 1.. in `base_urls` order; every bucket is broadcast once to all of them. Over NCCL to
+    vLLM servers the trainer joins with vLLM's own PyNccl communicator (vllm must be importable there).
+    """
+
+    def __init__(
+        self, base_urls: str | Sequence[str], api_token: str | None = None, http_timeout_s: float = 600.0
+    ):
+        self.base_urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        if not self.base_urls:
+            raise ValueError("base_urls: at least one server")
+        self._http = httpx.Client(headers=_headers(api_token), timeout=http_timeout_s)
+        self._pool = ThreadPoolExecutor(max_workers=len(self.base_urls), thread_name_prefix="weight-sync")
+        self._group: TransferGroup | None = None
+        self._ranks: list[int] = []
+        self.default_bucket_bytes = DEFAULT_BUCKET_BYTES  # or what the servers require (see /health)
+        self._slots: list[torch.Tensor] = []  # two reusable pack buffers (warm pages, no realloc per sync)
+        self.timeout_s = 60.0
+
+    def _post(self, url: str, route: str, body: dict, timeout_s: float) -> dict:
+        try:
+            r = self._http.post(url.rstrip("/") + route, json=body, timeout=timeout_s)
+        except httpx.TransportError as e:
+            raise RolloutServerUnavailable(f"{url}{route}: {type(e).__name__}: {e}") from e
+        if r.status_code >= 400:
+            cls = WeightSyncRejected if 400 <= r.status_code < 500 else RolloutServerError
+            raise cls(r.status_code, _message(r), url + route)
+        return r.json()
+
+    def init_transfer(
+        self, master_addr: str, master_port: int, backend: str = "gloo", timeout_s: float = 60.0
+    ) -> None:
+        """Create the group: this process hosts the TCPStore at master_addr:master_port and is rank 0.
+
+        Servers take consecutive ranks after it (a vLLM server with tensor parallelism takes one per GPU).
+        """
+        self.close_group()
+        self.timeout_s = timeout_s
+        healths = []
+        for url in self.base_urls:
+            try:
+                r = self._http.get(url.rstrip("/") + P.ROUTE_HEALTH, timeout=min(timeout_s, 30))
+                r.raise_for_status()
+            except httpx.HTTPError as e:
+                raise RolloutServerUnavailable(f"{url}{P.ROUTE_HEALTH}: {e}") from e
+            healths.append(P.HealthResponse.model_validate(r.json()))
+        wires = {h.weight_transfer_wire for h in healths}
+        if len(wires) != 1:
+            raise ValueError(f"servers need different collectives {sorted(wires)}: push to them separately")
+        self._ranks, world = [], 1
+        for h in healths:
+            self._ranks.append(world)
+            world += h.weight_transfer_ranks
+        wire = wires.pop()
+        required = {h.weight_transfer_bucket_bytes for h in healths} - {None}
+        if len(required) > 1:
+            raise ValueError(
+                f"servers require different bucket_bytes {sorted(required)}: push to them separately"
+            )
+        self.default_bucket_bytes = required.pop() if required else DEFAULT_BUCKET_BYTES
+        if wire == "torch":
+            store = open_store(master_addr, master_port, True, timeout_s)
+        futures = [
+            self._pool.submit(
+                self._post,
+                url,
+                P.ROUTE_INIT_WEIGHT_TRANSFER,
+                P.InitWeightTransferRequest(
+                    master_addr=master_addr,
+                    master_port=master_port,
+                    rank=rank,
+                    world_size=world,
+                    backend=backend,
+                    timeout_s=timeout_s,
+                ).model_dump(),
+                timeout_s + 30,
+            )
+            for url, rank in zip(self.base_urls, self._ranks, strict=True)
+        ]
+        try:
+            if wire == "torch":
+                group = join_group(store, master_addr, 0, world, backend, timeout_s)
+            else:
+                group = join_pynccl_trainer(master_addr, master_port, world, timeout_s)
+        except WeightTransferError as e:
+            errors = [str(f.exception()) for f in futures if f.done() and f.exception() is not None]
+            raise WeightSyncError(f"init_transfer: {e}; server errors: {errors or 'none reported'}") from e
+        for f in futures:
+            f.result(timeout=timeout_s + 30)
+        self._group = group
+
+    def push(
+        self,
+        manifest: P.WeightManifest,
+        tensors: Iterable[tuple[str, torch.Tensor]],
+        version: int,
+        bucket_bytes: int | None = None,
+        timeout_s: float | None = None,
+    ) -> SyncStats:
+        """One sync: announce `manifest` to every server, then broadcast the buckets of `tensors`.
+
+        `bucket_bytes` defaults to what the servers require (vLLM) or 64 MiB.
+        """
+        bucket_bytes = bucket_bytes or self.default_bucket_bytes
+        group = self._group
+        if group is None:
+            raise WeightSyncError("push: call init_transfer first (or again, after a failed push)")
+        timeout_s = timeout_s or max(self.timeout_s, 60.0)
+        t0 = time.monotonic()
+        sync_id = f"v{version}-{uuid.uuid4().hex[:12]}"
+        body = P.UpdateWeightsRequest(
+            version=version,
+            manifest=manifest,
+            bucket_bytes=bucket_bytes,
+            sync_id=sync_id,
+            timeout_s=timeout_s,
+        ).model_dump()
+        futures = [
+            self._pool.submit(self._post, url, P.ROUTE_UPDATE_WEIGHTS, body, timeout_s + 30)
+            for url in self.base_urls
+        ]
+        errors = self._handshake(group, sync_id, futures, t0 + timeout_s)
+        if errors:
+            group.store.set(go_key(sync_id), "0")
+            raise WeightSyncRejected(errors[0][1].status, "; ".join(f"{u}: {e.message}" for u, e in errors))
+        group.store.set(go_key(sync_id), "1")
+        t1 = time.monotonic()
+        try:
+            # Pipelined: bucket k is on the wire while bucket k+1 is gathered and packed.
+            def server_failed() -> str | None:  # a server that answered with an error has left the collective
+                for url, f in zip(self.base_urls, futures, strict=True):
+                    if f.done() and f.exception() is not None:
+                        return f"{url}: {f.exception()}"
+                return None
+
+            def wait(handle) -> None:
+                group.wait(handle, max(1.0, t0 + timeout_s - time.monotonic()), abort=server_failed)
+
+            in_flight = None
+            for buf, borrowed in iter_packed_buckets(
+                manifest, tensors, bucket_bytes, group.device, self._slots
+            ):
+                handle = group.broadcast_async(buf)
+                if in_flight is not None:
+                    wait(in_flight)
+                in_flight = handle
+                if borrowed:  # a view of the trainer's tensor: done before the iterator may free it
+                    wait(in_flight)
+                    in_flight = None
+            if in_flight is not None:
+                wait(in_flight)
+            results = [
+                P.UpdateWeightsResponse.model_validate(f.result(timeout=timeout_s + 30)) for f in futures
+            ]
+        except Exception as e:
+            self.close_group()
+            late = [str(f.exception()) for f in futures if f.done() and f.exception() is not None]
+            raise WeightSyncError(f"push v{version} failed: {e}; servers: {late or 'no answer yet'}") from e
+        t2 = time.monotonic()
+        return SyncStats(
+            version=version,
+            bytes=manifest.total_bytes,
+            num_tensors=len(manifest.tensors),
+            num_buckets=results[0].num_buckets,
+            seconds=t2 - t0,
+            handshake_s=t1 - t0,
+            send_s=t2 - t1,
+            servers=results,
+        )
+
+    def _handshake(
+        self, group: TransferGroup, sync_id: str, futures: list[Future], deadline: float
+    ) -> list[tuple[str, RolloutServerError]]:
+        """Wait until every server said ok (store key) or answered with an error. Returns the errors."""
+        pending = set(range(len(futures)))
+        errors: list[tuple[str, RolloutServerError]] = []
+        while pending:
+            for i in sorted(pending):
+                if group.store.check([status_key(sync_id, self._ranks[i])]):
+                    pending.discard(i)
+                elif futures[i].done():
+                    pending.discard(i)
+                    exc = futures[i].exception()
+                    if exc is None:  # cannot happen: a server answers 200 only after the transfer
+                        exc = RolloutServerError(500, "answered before the handshake", self.base_urls[i])
+                    if not isinstance(exc, RolloutServerError):
+                        exc = RolloutServerError(503, str(exc), self.base_urls[i])
+                    errors.append((self.base_urls[i], exc))
+            if pending and time.monotonic() > deadline:
+                for i in pending:
+                    errors.append(
+                        (self.base_urls[i], RolloutServerError(504, "no handshake before the deadline"))
+                    )
+                break
+            if pending:
+                time.sleep(0.002)
+        return errors
+
+    def close_group(self) -> None:
+        if self._group is not None:
+            self._group.close()
+            self._group = None
+
+    def close(self) -> None:
+        """Leave the group and tell the servers (best effort)."""
+        if self._group is not None:
+            for url in self.base_urls:
+                try:
+                    self._post(url, P.ROUTE_CLOSE_WEIGHT_TRANSFER, {}, 10)
+                except Exception:
+                    pass
+        self.close_group()
+        self._pool.shutdown(wait=False)
+        self._http.close()

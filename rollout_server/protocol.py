@@ -1,0 +1,371 @@
+"""The rollout-server contract: request/response models, the weight manifest, and the bucket packing.
+
+Why one module: the trainer-side client and the server both import this file, so the wire format is written
+exactly once. It imports only pydantic at module level; torch is imported inside the pack/unpack helpers so
+that the models can be used (and tested) without it.
+
+Weight sync in one sentence: the trainer POSTs `/update_weights` with a `WeightManifest` (ordered names,
+dtypes, shapes) and `bucket_bytes`; both sides call `plan_buckets(manifest, bucket_bytes)` and get the same
+list of buckets; the trainer then broadcasts each bucket as one flat uint8 buffer over the dedicated process
+group. The bucketing rule is the one of vLLM's packed NCCL transfer (append tensors in order; a bucket is
+closed as soon as its size *exceeds* `bucket_bytes`, so one bucket may overshoot by at most one tensor), which
+makes the bytes on the wire identical to vLLM's `packed=True, packed_buffer_size_bytes=bucket_bytes`.
+
+Log-prob convention (every backend): the log-prob of a sampled token is `log_softmax(logits / temperature)`
+at that token, computed BEFORE top-k / top-p truncation; for temperature 0 (greedy) it is
+`log_softmax(logits)`. This is what the trainer recomputes from the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+# ---- routes (one place, both sides) -------------------------------------------------------------------------
+ROUTE_HEALTH = "/health"
+ROUTE_GENERATE = "/generate"
+ROUTE_INIT_WEIGHT_TRANSFER = "/init_weight_transfer"
+ROUTE_UPDATE_WEIGHTS = "/update_weights"
+ROUTE_CLOSE_WEIGHT_TRANSFER = "/close_weight_transfer"
+ROUTE_PAUSE = "/pause"
+ROUTE_RESUME = "/resume"
+ROUTE_METRICS = "/metrics"
+ROUTE_OAI_MODELS = "/v1/models"
+ROUTE_OAI_COMPLETIONS = "/v1/completions"
+ROUTE_OAI_CHAT = "/v1/chat/completions"
+
+# Store key prefix of the update handshake (see weight_transfer.py); distinct from any process-group key.
+SYNC_KEY_PREFIX = "rollout_sync"
+
+MAX_PROMPTS = 4096
+MAX_N = 256
+MAX_TOKENS_LIMIT = 1 << 20
+MAX_STOP = 16
+MAX_TENSORS = 1 << 20
+
+DTYPE_ITEMSIZE: dict[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float64": 8,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+}
+DtypeName = Literal[
+    "float32",
+    "float16",
+    "bfloat16",
+    "float64",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+    "float8_e4m3fn",
+    "float8_e5m2",
+]
+
+
+class _Strict(BaseModel):
+    """Unknown fields are an error (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- generation ---------------------------------------------------------------------------------------------
+class SamplingParams(_Strict):
+    """Sampling settings shared by all prompts of one request."""
+
+    n: int = Field(1, ge=1, le=MAX_N, description="Completions per prompt (the GRPO group size).")
+    max_tokens: int = Field(
+        256,
+        ge=1,
+        le=MAX_TOKENS_LIMIT,
+        description="Max new tokens; prompt + max_tokens must fit the context.",
+    )
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 disables it.")
+    top_k: int = Field(0, ge=0, le=1 << 20, description="Keep the k most likely tokens; 0 disables it.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for reproducible sampling.")
+    stop: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_STOP,
+        description="Stop strings: generation ends once the text contains one; the text is cut before it.",
+    )
+    ignore_eos: bool = Field(False, description="Keep generating after EOS (benchmarks only).")
+
+    @model_validator(mode="after")
+    def _check_stop(self) -> SamplingParams:
+        for s in self.stop:
+            if not s or len(s) > 256:
+                raise ValueError("stop: each stop string must have 1..256 characters")
+        return self
+
+
+class GenerateRequest(SamplingParams):
+    """`POST /generate`: a batch of prompts (text or token ids), `n` completions each."""
+
+    prompts: list[str] | None = Field(
+        None, max_length=MAX_PROMPTS, description="Text prompts (already chat-formatted if needed)."
+    )
+    prompt_token_ids: list[list[int]] | None = Field(
+        None, max_length=MAX_PROMPTS, description="Token-id prompts; give this or `prompts`, not both."
+    )
+
+    @model_validator(mode="after")
+    def _one_prompt_kind(self) -> GenerateRequest:
+        if (self.prompts is None) == (self.prompt_token_ids is None):
+            raise ValueError("prompts: give exactly one of `prompts` or `prompt_token_ids`")
+        items = self.prompts if self.prompts is not None else self.prompt_token_ids
+        if not items:
+            raise ValueError("prompts: at least one prompt is required")
+        if self.prompt_token_ids is not None and any(len(p) == 0 for p in self.prompt_token_ids):
+            raise ValueError("prompt_token_ids: every prompt needs at least one token")
+        if len(items) * self.n > 65536:
+            raise ValueError("n: len(prompts) * n must be <= 65536")
+        return self
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts if self.prompts is not None else self.prompt_token_ids)
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class Completion(BaseModel):
+    """One sampled completion."""
+
+    prompt_index: int = Field(..., ge=0, description="Index of its prompt in the request.")
+    sample_index: int = Field(..., ge=0, description="0..n-1 within its prompt's group.")
+    token_ids: list[int] = Field(
+        ..., description="Generated token ids (EOS included when it ended the text)."
+    )
+    text: str = Field(..., description="Decoded text, special tokens skipped, cut before a stop string.")
+    logprobs: list[float] = Field(
+        ...,
+        description="log_softmax(logits / T) of each sampled token, before top-k/top-p; len == token_ids.",
+    )
+    finish_reason: FinishReason = Field(..., description="'stop' (EOS or stop string) or 'length'.")
+    weight_version: int = Field(..., description="Weight version that produced this completion.")
+
+
+class GenerateResponse(BaseModel):
+    """Completions flattened prompt-major: the n samples of prompt 0, then of prompt 1, ..."""
+
+    completions: list[Completion] = Field(..., description="len(prompts) * n completions, prompt-major.")
+    weight_version: int = Field(..., description="Weight version that produced every completion.")
+    model: str = Field(..., description="Served model name.")
+    prompt_tokens: int = Field(..., ge=0, description="Total prompt tokens (each prompt counted once).")
+    completion_tokens: int = Field(..., ge=0, description="Total generated tokens.")
+
+
+class HealthResponse(BaseModel):
+    model: str = Field(..., description="Served model name or path.")
+    backend: Literal["torch", "vllm"] = Field(..., description="Generation backend.")
+    weight_version: int = Field(..., description="Version of the weights now serving (0 = as loaded).")
+    ready: bool = Field(..., description="True once the model is loaded and generation is not paused.")
+    max_model_len: int = Field(..., description="Context length: prompt + completion tokens.")
+    weight_transfer: bool = Field(False, description="True when a weight-transfer group is initialised.")
+    weight_transfer_ranks: int = Field(
+        1, description="Ranks this server takes in the group (vLLM: its TP size)."
+    )
+    weight_transfer_wire: Literal["torch", "vllm_pynccl"] = Field(
+        "torch", description="Collective the trainer must use: torch ProcessGroup, or vLLM's PyNccl."
+    )
+    weight_transfer_bucket_bytes: int | None = Field(
+        None, description="bucket_bytes every update must use (vLLM fixes it at startup); None = any."
+    )
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(..., description="What was wrong, naming the field or tensor.")
+
+
+# ---- weight sync --------------------------------------------------------------------------------------------
+class TensorSpec(_Strict):
+    name: str = Field(..., min_length=1, max_length=1024, description="Parameter name (HF checkpoint name).")
+    dtype: DtypeName = Field(..., description="torch dtype name, e.g. 'bfloat16'.")
+    shape: list[int] = Field(..., max_length=8, description="Tensor shape.")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_ITEMSIZE[self.dtype]
+
+
+class WeightManifest(_Strict):
+    """The ordered tensors of one weight update (the trainer sends them in this order)."""
+
+    tensors: list[TensorSpec] = Field(..., min_length=1, max_length=MAX_TENSORS, description="In send order.")
+
+    @model_validator(mode="after")
+    def _check(self) -> WeightManifest:
+        seen: set[str] = set()
+        for t in self.tensors:
+            if t.name in seen:
+                raise ValueError(f"manifest: duplicate tensor name {t.name!r}")
+            if any(d < 0 for d in t.shape):
+                raise ValueError(f"manifest: negative dimension in shape of {t.name!r}")
+            seen.add(t.name)
+        return self
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @classmethod
+    def from_named_tensors(cls, named: Iterable[tuple[str, torch.Tensor]]) -> WeightManifest:
+        """Manifest of (name, tensor) pairs; only metadata is read (works for ZeRO-3 via `ds_shape`)."""
+        specs = []
+        for name, t in named:
+            shape = list(getattr(t, "ds_shape", None) or t.shape)
+            specs.append(TensorSpec(name=name, dtype=dtype_name(t.dtype), shape=shape))
+        return cls(tensors=specs)
+
+
+class BucketItem(BaseModel):
+    index: int = Field(..., description="Index of the tensor in the manifest.")
+    name: str
+    offset: int = Field(..., description="Byte offset inside the bucket.")
+    nbytes: int
+
+
+class Bucket(BaseModel):
+    items: list[BucketItem]
+    nbytes: int = Field(..., description="Size of the flat uint8 buffer.")
+
+
+def plan_buckets(manifest: WeightManifest, bucket_bytes: int) -> list[Bucket]:
+    """Split the manifest into buckets, in order. Pure; both sides call it and must agree.
+
+    Rule (same as vLLM's packed NCCL transfer): append tensors until the running size exceeds `bucket_bytes`,
+    then close the bucket. Zero-size tensors ride along in whatever bucket is open.
+    """
+    if bucket_bytes < 1:
+        raise ValueError("bucket_bytes must be >= 1")
+    buckets: list[Bucket] = []
+    items: list[BucketItem] = []
+    size = 0
+    for i, t in enumerate(manifest.tensors):
+        items.append(BucketItem(index=i, name=t.name, offset=size, nbytes=t.nbytes))
+        size += t.nbytes
+        if size > bucket_bytes:
+            buckets.append(Bucket(items=items, nbytes=size))
+            items, size = [], 0
+    if items:
+        buckets.append(Bucket(items=items, nbytes=size))
+    return buckets
+
+
+class InitWeightTransferRequest(_Strict):
+    """`POST /init_weight_transfer`: join the trainer's dedicated process group (trainer = rank 0)."""
+
+    master_addr: str = Field(..., min_length=1, max_length=253, description="Trainer's TCPStore host.")
+    master_port: int = Field(..., ge=1, le=65535, description="Trainer's TCPStore port.")
+    rank: int = Field(1, ge=1, le=4096, description="This server's rank in the group (trainer is 0).")
+    world_size: int = Field(2, ge=2, le=4097, description="1 trainer + all servers of the group.")
+    backend: Literal["gloo", "nccl"] = Field("gloo", description="gloo (CPU tensors) or nccl (CUDA).")
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="Rendezvous and per-collective timeout.")
+
+    @model_validator(mode="after")
+    def _rank(self) -> InitWeightTransferRequest:
+        if self.rank >= self.world_size:
+            raise ValueError("rank: must be < world_size")
+        return self
+
+
+class InitWeightTransferResponse(BaseModel):
+    rank: int
+    world_size: int
+    backend: Literal["gloo", "nccl"]
+    wire: Literal["torch", "vllm_pynccl"] = Field(
+        ..., description="Collective implementation the trainer must use for this server."
+    )
+
+
+class UpdateWeightsRequest(_Strict):
+    """`POST /update_weights`: announce one sync; the buckets then arrive over the process group."""
+
+    version: int = Field(..., ge=0, le=2**62, description="Weight version after this update (trainer step).")
+    manifest: WeightManifest
+    bucket_bytes: int = Field(
+        64 << 20, ge=1024, le=1 << 36, description="Target bucket size; see plan_buckets for the rule."
+    )
+    sync_id: str = Field(
+        ..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$", description="Unique per push."
+    )
+    timeout_s: float = Field(300.0, gt=0, le=7200, description="Deadline for the whole receive.")
+
+
+class UpdateWeightsResponse(BaseModel):
+    version: int
+    num_tensors: int
+    num_buckets: int
+    bytes: int
+    handshake_s: float
+    receive_s: float
+    swap_s: float
+
+
+# ---- pack / unpack (torch imported lazily) ------------------------------------------------------------------
+def dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).split(".")[-1]
+    if name not in DTYPE_ITEMSIZE:
+        raise ValueError(f"unsupported dtype {dtype}")
+    return name
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, name)
+
+
+def pack_bucket(
+    bucket: Bucket, tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Concatenate the bucket's tensors (in order) into one flat uint8 buffer."""
+    import torch
+
+    if len(tensors) != len(bucket.items):
+        raise ValueError(f"bucket expects {len(bucket.items)} tensors, got {len(tensors)}")
+    device = tensors[0].device if tensors else "cpu"
+    if out is None:
+        out = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)  # [nbytes]
+    for item, t in zip(bucket.items, tensors, strict=True):
+        flat = t.detach().contiguous().reshape(-1).view(torch.uint8)  # [item.nbytes]
+        if flat.numel() != item.nbytes:
+            raise ValueError(f"tensor {item.name!r}: {flat.numel()} bytes, manifest says {item.nbytes}")
+        out[item.offset : item.offset + item.nbytes].copy_(flat)
+    return out
+
+
+def unpack_bucket(
+    bucket: Bucket, buffer: torch.Tensor, manifest: WeightManifest
+) -> list[tuple[str, torch.Tensor]]:
+    """Views of `buffer` shaped as the manifest says (no copy)."""
+    out = []
+    for item in bucket.items:
+        spec = manifest.tensors[item.index]
+        raw = buffer[item.offset : item.offset + item.nbytes]  # [nbytes] uint8
+        if item.offset % DTYPE_ITEMSIZE[spec.dtype]:
+            raw = raw.clone()  # a dtype view needs an aligned offset (odd-sized half tensors before it)
+        out.append((spec.name, raw.view(torch_dtype(spec.dtype)).view(spec.shape)))
+    return out

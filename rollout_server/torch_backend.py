@@ -1,0 +1,269 @@
+"""PyTorch backend: a transformers causal LM on CPU or one CUDA GPU, batched sampling, in-process weight receive.
+
+Generation runs one request at a time (app.py feeds it from a single worker thread) through
+`torch_generate.generate_batch`: all n samples of all prompts in one batch with a KV cache. A weight update
+receives every bucket into a staging copy while generation keeps serving the old weights; only the final
+copy into the live parameters holds the generation lock. No prefix/KV cache survives a request, so there is
+nothing to reset after a swap.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from rollout_server.backend import Backend, BackendInfo, BadRequest
+from rollout_server.protocol import (
+    Completion,
+    GenerateRequest,
+    InitWeightTransferRequest,
+    InitWeightTransferResponse,
+    UpdateWeightsRequest,
+    UpdateWeightsResponse,
+    WeightManifest,
+    dtype_name,
+    plan_buckets,
+)
+from rollout_server.torch_generate import StopChecker, generate_batch
+from rollout_server.weight_transfer import (
+    TransferGroup,
+    WeightTransferError,
+    join_group,
+    open_store,
+    server_receive,
+    server_wait_go,
+)
+
+log = logging.getLogger("rollout_server")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def manifest_problems(manifest: WeightManifest, params: dict[str, torch.Tensor], limit: int = 5) -> list[str]:
+    """Every way the manifest disagrees with the served model (names, dtypes, shapes); empty when it fits."""
+    problems = []
+    for t in manifest.tensors:
+        p = params.get(t.name)
+        if p is None:
+            problems.append(f"unknown tensor {t.name!r}")
+        elif list(p.shape) != t.shape:
+            problems.append(f"tensor {t.name!r}: shape {t.shape} != model's {list(p.shape)}")
+        elif dtype_name(p.dtype) != t.dtype:
+            problems.append(f"tensor {t.name!r}: dtype {t.dtype} != model's {dtype_name(p.dtype)}")
+        if len(problems) >= limit:
+            break
+    return problems
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(hits)] if hits else text
+
+
+class TorchBackend(Backend):
+    def __init__(
+        self, model: str, device: str | None = None, dtype: str = "auto", max_model_len: int | None = None
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch_dtype = DTYPES.get(dtype, "auto") if dtype != "auto" else "auto"
+        if torch_dtype == "auto" and self.device.type == "cpu":
+            torch_dtype = torch.float32  # bf16 matmuls on CPU are slow and less exact
+        self._tok = AutoTokenizer.from_pretrained(model)
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(self.device).eval()
+        cfg = self.model.config
+        ctx = getattr(cfg, "max_position_embeddings", None) or 2048
+        if max_model_len is not None and max_model_len > ctx:
+            raise ValueError(f"--max-model-len {max_model_len} exceeds the model's context {ctx}")
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self._tok.eos_token_id is not None:
+            eos_ids.add(self._tok.eos_token_id)
+        self.eos_ids = eos_ids
+        self.pad_id = (
+            self._tok.pad_token_id if self._tok.pad_token_id is not None else min(eos_ids, default=0)
+        )
+        self.info = BackendInfo(
+            model=model, backend="torch", max_model_len=max_model_len or ctx, eos_token_ids=sorted(eos_ids)
+        )
+        self.vocab_size = cfg.vocab_size
+        # state_dict(keep_vars=True) lists tied weights under both names (embed + lm_head): both accepted.
+        self.params: dict[str, torch.Tensor] = dict(self.model.state_dict(keep_vars=True))
+        self.weight_version = 0
+        self._gen_lock = threading.Lock()  # held by a generation; the weight swap takes it
+        self._update_lock = threading.Lock()  # one update at a time
+        self._group: TransferGroup | None = None
+        self._spares: list[torch.Tensor] = []  # free receive buffers
+        self._backing: dict[int, torch.Tensor] = {}  # id(param) -> received buffer it lives in
+        self._users: dict[int, set[int]] = {}  # id(buffer) -> ids of params living in it
+        self._seed_rng = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
+
+    @property
+    def tokenizer(self):
+        return self._tok
+
+    # ---- generation ---------------------------------------------------------------------------------------
+    def generate(self, req: GenerateRequest, prompt_ids: list[list[int]], on_token=None) -> list[Completion]:
+        seed = (
+            req.seed if req.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+        )
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        with self._gen_lock:
+            version = self.weight_version
+            rows = generate_batch(
+                self.model,
+                prompt_ids,
+                n=req.n,
+                max_tokens=req.max_tokens,
+                temperature=req.temperature,
+                top_k=req.top_k,
+                top_p=req.top_p,
+                generator=gen,
+                eos_ids=self.eos_ids,
+                pad_id=self.pad_id,
+                stop=StopChecker(self._tok, req.stop),
+                ignore_eos=req.ignore_eos,
+                on_token=on_token,
+            )
+        out = []
+        for i, row in enumerate(rows):
+            text = self._tok.decode(row.token_ids, skip_special_tokens=True)
+            if row.stop_hit is not None:
+                text = cut_at_stop(text, req.stop)
+            out.append(
+                Completion(
+                    prompt_index=i // req.n,
+                    sample_index=i % req.n,
+                    token_ids=row.token_ids,
+                    text=text,
+                    logprobs=row.logprobs,
+                    finish_reason=row.finish_reason,
+                    weight_version=version,
+                )
+            )
+        return out
+
+    # ---- weight transfer ----------------------------------------------------------------------------------
+    @property
+    def has_weight_transfer(self) -> bool:
+        return self._group is not None
+
+    def init_weight_transfer(self, req: InitWeightTransferRequest) -> InitWeightTransferResponse:
+        if req.backend == "nccl" and self.device.type != "cuda":
+            raise BadRequest("backend: 'nccl' needs the model on CUDA; this server runs on CPU (use 'gloo')")
+        with self._update_lock:
+            self.close_weight_transfer()
+            store = open_store(req.master_addr, req.master_port, False, req.timeout_s)
+            self._group = join_group(
+                store, req.master_addr, req.rank, req.world_size, req.backend, req.timeout_s
+            )
+        log.info("joined weight-transfer group: rank %d of %d over %s", req.rank, req.world_size, req.backend)
+        return InitWeightTransferResponse(
+            rank=req.rank, world_size=req.world_size, backend=req.backend, wire="torch"
+        )
+
+    def close_weight_transfer(self) -> None:
+        if self._group is not None:
+            self._group.close()
+            self._group = None
+
+    def update_weights(self, req: UpdateWeightsRequest) -> UpdateWeightsResponse:
+        group = self._group
+        if group is None:
+            raise BadRequest("no weight-transfer group: call /init_weight_transfer first", status=409)
+        problems = manifest_problems(req.manifest, self.params)
+        if problems:
+            raise BadRequest("manifest: " + "; ".join(problems), status=422)
+        if not self._update_lock.acquire(blocking=False):
+            raise BadRequest("another weight update is in progress", status=409)
+        try:
+            return self._receive_and_swap(group, req)
+        finally:
+            self._update_lock.release()
+
+    def _receive_and_swap(self, group: TransferGroup, req: UpdateWeightsRequest) -> UpdateWeightsResponse:
+        t0 = time.monotonic()
+        deadline = t0 + req.timeout_s
+        buckets = plan_buckets(req.manifest, req.bucket_bytes)
+        if not server_wait_go(group, req.sync_id, req.timeout_s):
+            raise BadRequest(
+                "update aborted by the trainer (another server refused the manifest)", status=409
+            )
+        t1 = time.monotonic()
+        staging: list[tuple[str, torch.Tensor]] = []  # views into the received buckets
+        received: list[torch.Tensor] = []
+
+        def alloc(nbytes: int) -> torch.Tensor:
+            buf = self._take_spare(nbytes)
+            received.append(buf)
+            return buf
+
+        try:
+            nbytes = server_receive(group, req.manifest, buckets, deadline, staging.extend, alloc=alloc)
+        except WeightTransferError as e:
+            self._spares.extend(received)
+            # The group's state is unknown after a partial transfer: leave it, the trainer must re-init.
+            self.close_weight_transfer()
+            raise WeightTransferError(
+                f"{e}; the update was dropped, version {self.weight_version} keeps serving; "
+                "call /init_weight_transfer again"
+            ) from e
+        t2 = time.monotonic()
+        with self._gen_lock, torch.no_grad():
+            for (name, t), buf in zip(staging, self._bucket_of(staging, buckets, received), strict=True):
+                p = self.params[name]
+                if t.device == p.device and t.is_contiguous() and t.data_ptr() % 16 == 0:
+                    p.data = t  # O(1): the parameter now lives in the received bucket (no second copy)
+                    self._back(p, buf)
+                else:
+                    p.copy_(t, non_blocking=True)  # e.g. received on CPU over gloo, model on CUDA
+                    self._back(p, None)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.weight_version = req.version
+        t3 = time.monotonic()
+        return UpdateWeightsResponse(
+            version=req.version,
+            num_tensors=len(req.manifest.tensors),
+            num_buckets=len(buckets),
+            bytes=nbytes,
+            handshake_s=t1 - t0,
+            receive_s=t2 - t1,
+            swap_s=t3 - t2,
+        )
+
+    # Buffer recycling: after a pointer swap the parameters live in received buckets; the buckets they lived in
+    # before are free once every parameter they backed has moved, and become the next update's receive buffers
+    # (warm pages: allocating and faulting in fresh memory each sync cost as much as the transfer itself).
+    @staticmethod
+    def _bucket_of(staging, buckets, received) -> list[torch.Tensor]:
+        owners = []
+        for b, buf in zip(buckets, received, strict=True):
+            owners += [buf] * len(b.items)
+        return owners
+
+    def _back(self, param: torch.Tensor, buf: torch.Tensor | None) -> None:
+        old = self._backing.pop(id(param), None)
+        if old is not None:
+            users = self._users[id(old)]
+            users.discard(id(param))
+            if not users:
+                del self._users[id(old)]
+                self._spares.append(old)
+        if buf is not None:
+            self._backing[id(param)] = buf
+            self._users.setdefault(id(buf), set()).add(id(param))
+
+    def _take_spare(self, nbytes: int) -> torch.Tensor:
+        fits = [i for i, s in enumerate(self._spares) if s.numel() >= nbytes]
+        if fits:
+            best = min(fits, key=lambda i: self._spares[i].numel())
+            return self._spares.pop(best)[:nbytes]  # by index: list.remove would compare tensors elementwise
+        return torch.empty(nbytes, dtype=torch.uint8)  # [nbytes] (gloo receives on CPU)
+
+    def shutdown(self) -> None:
+        self.close_weight_transfer()

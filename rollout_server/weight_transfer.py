@@ -1,0 +1,316 @@
+"""The dedicated trainer <-> rollout-server process group, its handshake, and the bucket send/receive loops.
+
+Why a separate group: the trainer already runs a DeepSpeed world (the default torch.distributed group). We
+never call `init_process_group`; each side builds its own `TCPStore` (the trainer is the store master, rank 0)
+and a `ProcessGroupGloo` (CPU) or `ProcessGroupNCCL` (CUDA) directly on a `PrefixStore` of it, so the two
+worlds coexist. Every collective waits with a timeout, so a dead peer gives an error, never a hang.
+
+Handshake of one update (no byte moves before everyone agreed):
+  1. trainer POSTs /update_weights (manifest, bucket_bytes, version, sync_id) to every server;
+  2. each server validates the manifest against its model; if bad it answers 4xx at once (it never enters
+     the collective). If good it writes `rollout_sync/<sync_id>/status/<rank> = ok` into the trainer's store
+     and waits for `rollout_sync/<sync_id>/go`;
+  3. the trainer waits until every server either wrote `ok` or answered its HTTP request with an error.
+     All ok -> it writes go=1 and broadcasts the buckets. Otherwise go=0: the accepting servers return 409
+     and nobody has entered a collective, so the group stays usable.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from rollout_server.protocol import (
+    SYNC_KEY_PREFIX,
+    Bucket,
+    WeightManifest,
+    pack_bucket,
+    plan_buckets,
+    unpack_bucket,
+)
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class WeightTransferError(RuntimeError):
+    """A weight-transfer step failed or timed out; the message says which step."""
+
+
+def status_key(sync_id: str, rank: int) -> str:
+    return f"{SYNC_KEY_PREFIX}/{sync_id}/status/{rank}"
+
+
+def go_key(sync_id: str) -> str:
+    return f"{SYNC_KEY_PREFIX}/{sync_id}/go"
+
+
+def _td(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=seconds)
+
+
+class TransferGroup:
+    """One member's handle: the store (handshake keys) and the collective used for the buckets."""
+
+    def __init__(
+        self,
+        store: dist.Store,
+        pg: dist.ProcessGroup,
+        rank: int,
+        world_size: int,
+        backend: str,
+        timeout_s: float,
+        device: torch.device,
+    ):
+        self.store, self.pg = store, pg
+        self.rank, self.world_size, self.backend = rank, world_size, backend
+        self.timeout_s, self.device = timeout_s, device
+
+    def broadcast(self, buf: torch.Tensor, timeout_s: float | None = None) -> None:
+        """Broadcast `buf` from rank 0 to all; raises WeightTransferError after the timeout."""
+        self.wait(self.broadcast_async(buf), timeout_s)
+
+    def broadcast_async(self, buf: torch.Tensor):
+        """Start a broadcast; pass the handle to `wait`. The trainer packs the next bucket meanwhile."""
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        opts.rootTensor = 0
+        try:
+            return (self.pg.broadcast([buf], opts), buf)
+        except Exception as e:
+            raise WeightTransferError(f"broadcast of {buf.numel()} bytes failed to start: {e}") from e
+
+    def wait(
+        self, handle, timeout_s: float | None = None, abort: Callable[[], str | None] | None = None
+    ) -> None:
+        """Wait for a broadcast. `abort()` is polled meanwhile: a message means a peer gave up (stop now)."""
+        work, buf = handle
+        timeout_s = timeout_s or self.timeout_s
+        try:
+            if abort is not None:
+                deadline = time.monotonic() + timeout_s
+                nap = 1e-4
+                while not work.is_completed():
+                    reason = abort()
+                    if reason:
+                        raise WeightTransferError(f"peer gave up: {reason}")
+                    if time.monotonic() > deadline:
+                        raise WeightTransferError(f"timed out after {timeout_s:.0f}s")
+                    time.sleep(nap)
+                    nap = min(nap * 2, 2e-3)  # short waits stay short; long ones do not spin the CPU
+            work.wait(_td(timeout_s))
+        except Exception as e:  # gloo raises RuntimeError("Timed out ...") or connection errors
+            raise WeightTransferError(f"broadcast of {buf.numel()} bytes failed: {e}") from e
+
+    def close(self) -> None:
+        # Dropping the references closes gloo's sockets; ProcessGroupNCCL needs an explicit abort.
+        abort = getattr(self.pg, "abort", None)
+        if self.backend == "nccl" and abort is not None:
+            try:
+                abort()
+            except Exception:
+                pass
+        self.pg = None  # type: ignore[assignment]
+        self.store = None  # type: ignore[assignment]
+
+
+def _make_pg(store: dist.Store, rank: int, world_size: int, backend: str, timeout_s: float, addr: str):
+    prefix = dist.PrefixStore("rollout_pg", store)
+    if backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = _td(timeout_s)
+        # On loopback bind gloo to 127.0.0.1: hostname resolution inside containers is unreliable.
+        if addr in LOOPBACK:
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+        else:
+            opts._devices = [dist.ProcessGroupGloo.create_default_device()]
+        return dist.ProcessGroupGloo(prefix, rank, world_size, opts), torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise WeightTransferError("backend 'nccl' needs CUDA on this side; use 'gloo' on CPU")
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = _td(timeout_s)
+    device = torch.device("cuda", torch.cuda.current_device())
+    return dist.ProcessGroupNCCL(prefix, rank, world_size, opts), device
+
+
+def open_store(addr: str, port: int, is_master: bool, timeout_s: float) -> dist.Store:
+    try:
+        return dist.TCPStore(addr, port, None, is_master, _td(timeout_s), wait_for_workers=False)
+    except Exception as e:
+        role = "create" if is_master else "connect to"
+        raise WeightTransferError(f"could not {role} the TCPStore at {addr}:{port}: {e}") from e
+
+
+def join_group(
+    store: dist.Store, addr: str, rank: int, world_size: int, backend: str, timeout_s: float
+) -> TransferGroup:
+    """Build this member's collective (blocks until all `world_size` members joined, or times out)."""
+    try:
+        pg, device = _make_pg(store, rank, world_size, backend, timeout_s, addr)
+    except WeightTransferError:
+        raise
+    except Exception as e:
+        raise WeightTransferError(
+            f"rank {rank}: joining the {backend} group of {world_size} failed: {e}"
+        ) from e
+    return TransferGroup(store, pg, rank, world_size, backend, timeout_s, device)
+
+
+# ---- server side -------------------------------------------------------------------------------------------
+def server_wait_go(group: TransferGroup, sync_id: str, timeout_s: float) -> bool:
+    """Announce 'ok' for this sync and wait for the trainer's go/abort decision."""
+    try:
+        group.store.set(status_key(sync_id, group.rank), "ok")
+        group.store.wait([go_key(sync_id)], _td(timeout_s))
+        return group.store.get(go_key(sync_id)) == b"1"
+    except Exception as e:
+        raise WeightTransferError(
+            f"handshake: no go/abort from the trainer within {timeout_s:.0f}s: {e}"
+        ) from e
+
+
+def server_receive(
+    group: TransferGroup,
+    manifest: WeightManifest,
+    buckets: list[Bucket],
+    deadline: float,
+    on_bucket: Callable[[list[tuple[str, torch.Tensor]]], None],
+    alloc: Callable[[int], torch.Tensor] | None = None,
+) -> int:
+    """Receive every bucket (one broadcast each) and hand its unpacked views to `on_bucket`. Returns bytes.
+
+    `alloc(nbytes)` gives the receive buffer (default: a fresh one); the torch backend recycles buffers.
+    """
+    alloc = alloc or (lambda nbytes: torch.empty(nbytes, dtype=torch.uint8, device=group.device))
+    total = 0
+    for i, b in enumerate(buckets):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WeightTransferError(f"receive deadline passed after {i}/{len(buckets)} buckets")
+        buf = alloc(b.nbytes)  # [nbytes] uint8
+        try:
+            group.broadcast(buf, timeout_s=left)
+        except WeightTransferError as e:
+            raise WeightTransferError(f"bucket {i + 1}/{len(buckets)} not received: {e}") from e
+        on_bucket(unpack_bucket(b, buf, manifest))
+        total += b.nbytes
+    return total
+
+
+# ---- trainer side ------------------------------------------------------------------------------------------
+def _adjacent_span(chunk: list[torch.Tensor], nbytes: int) -> torch.Tensor | None:
+    """A uint8 view over the bucket's bytes when its tensors already sit back to back in one storage."""
+    first = chunk[0]
+    if not all(t.is_contiguous() for t in chunk):
+        return None
+    if len(chunk) > 1:
+        storage = first.untyped_storage().data_ptr()
+        ptr = first.data_ptr()
+        for t in chunk:
+            if t.untyped_storage().data_ptr() != storage or t.data_ptr() != ptr:
+                return None
+            ptr += t.numel() * t.element_size()
+    start = first.storage_offset() * first.element_size()
+    span = torch.empty(0, dtype=torch.uint8, device=first.device)
+    return span.set_(first.untyped_storage(), start, (nbytes,))  # [nbytes], no copy
+
+
+def iter_packed_buckets(
+    manifest: WeightManifest,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    bucket_bytes: int,
+    device: torch.device,
+    slots: list[torch.Tensor] | None = None,
+) -> Iterator[tuple[torch.Tensor, bool]]:
+    """Consume `tensors` lazily in manifest order and yield (packed uint8 buffer, borrowed) per bucket.
+
+    `borrowed` buffers are views of the caller's own tensors (no copy was needed): the caller must finish
+    sending one before advancing the iterator, which may free it (e.g. a ZeRO-3 gather context exiting).
+
+    Each tensor is checked against the manifest (name, dtype, shape) before packing: a mismatch would make the
+    two sides cut the byte stream differently. With `slots` (a list of 2 reusable buffers, grown as needed)
+    bucket k is packed into slot k % 2: the caller must have finished sending bucket k-2 before asking for k.
+    """
+    it = iter(tensors)
+    for k, b in enumerate(plan_buckets(manifest, bucket_bytes)):
+        chunk = []
+        for item in b.items:
+            try:
+                name, t = next(it)
+            except StopIteration:
+                raise WeightTransferError(f"tensors ended before {item.name!r} (manifest has more)") from None
+            spec = manifest.tensors[item.index]
+            if name != spec.name or list(t.shape) != spec.shape or str(t.dtype).split(".")[-1] != spec.dtype:
+                raise WeightTransferError(
+                    f"tensor #{item.index} is {name!r} {str(t.dtype)} {list(t.shape)}, manifest says "
+                    f"{spec.name!r} {spec.dtype} {spec.shape}"
+                )
+            chunk.append(t.detach().to(device, non_blocking=True))
+        span = _adjacent_span(chunk, b.nbytes)
+        if span is not None:  # already one flat run of memory (a lone tensor, a flat buffer): send it as is
+            yield span, True
+            continue
+        if slots is None:
+            out = torch.empty(b.nbytes, dtype=torch.uint8, device=device)  # [nbytes]
+        else:
+            if len(slots) < 2:
+                slots.extend(torch.empty(0, dtype=torch.uint8, device=device) for _ in range(2 - len(slots)))
+            if slots[k % 2].numel() < b.nbytes or slots[k % 2].device != torch.device(device):
+                slots[k % 2] = torch.empty(b.nbytes, dtype=torch.uint8, device=device)
+            out = slots[k % 2][: b.nbytes]  # [nbytes]
+        yield pack_bucket(b, chunk, out=out), False
+    if next(it, None) is not None:
+        raise WeightTransferError("more tensors than the manifest declares")
+
+
+class _PyncclTrainerGroup(TransferGroup):
+    """Trainer end of a vLLM server's NCCL group: vLLM's StatelessProcessGroup + PyNcclCommunicator.
+
+    vLLM's workers rendezvous through that class (not torch's ProcessGroupNCCL), so the trainer must too.
+    PyNccl has no timeout of its own: we poll a CUDA event against the deadline instead.
+    """
+
+    def broadcast_async(self, buf: torch.Tensor):
+        stream = torch.cuda.current_stream()
+        self.pg.broadcast(buf, src=0, stream=stream)
+        done = torch.cuda.Event()
+        done.record(stream)
+        return (done, buf)
+
+    def wait(
+        self, handle, timeout_s: float | None = None, abort: Callable[[], str | None] | None = None
+    ) -> None:
+        done, buf = handle
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        while not done.query():
+            reason = abort() if abort is not None else None
+            if reason:
+                raise WeightTransferError(f"NCCL broadcast of {buf.numel()} bytes: peer gave up: {reason}")
+            if time.monotonic() > deadline:
+                raise WeightTransferError(f"NCCL broadcast of {buf.numel()} bytes timed out")
+            time.sleep(0.0005)
+
+    def close(self) -> None:
+        self.pg = None  # type: ignore[assignment]
+        self.store = None  # type: ignore[assignment]
+
+
+def join_pynccl_trainer(addr: str, port: int, world_size: int, timeout_s: float) -> TransferGroup:
+    """Rank 0 of a vLLM weight-transfer group (needs vllm and CUDA on the trainer side)."""
+    try:
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+    except ImportError as e:
+        raise WeightTransferError("NCCL sync to a vLLM server needs the vllm package on the trainer") from e
+    try:
+        spg = StatelessProcessGroup.create(
+            host=addr, port=port, rank=0, world_size=world_size, store_timeout=int(timeout_s)
+        )
+        device = torch.device("cuda", torch.cuda.current_device())
+        comm = PyNcclCommunicator(spg, device=device)
+    except Exception as e:
+        raise WeightTransferError(f"joining the vLLM NCCL group at {addr}:{port} failed: {e}") from e
+    return _PyncclTrainerGroup(spg.store, comm, 0, world_size, "nccl", timeout_s, device)

@@ -1,0 +1,285 @@
+"""Benchmark the rollout server's two hot paths and print a markdown table.
+
+1. Generation: tokens/s of the PyTorch backend's engine (`torch_generate.generate_batch`, static-cache and
+   generic HF-cache decoders) against plain `model.generate` on the same random Qwen2 model and the same batch
+   (default 4 prompts x 16 samples x 128 tokens, hidden 256, 4 layers). Runs alternate and the best of
+   `--repeats` is kept, so a busy shared machine penalises every method alike.
+2. Weight sync: `WeightSyncClient.push` to a real `python -m rollout_server` process (HTTP handshake, packed
+   buckets over gloo, unpack + swap on the server) against a raw gloo broadcast of the same number of bytes
+   between two processes (one flat buffer, nothing else), for a ~80 MB float32 model.
+
+    python scripts/bench_rollout.py            # or: make bench-rollout
+    python scripts/bench_rollout.py --skip-sync --prompts 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def random_qwen2(hidden: int, layers: int, vocab: int, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 32),
+        num_key_value_heads=max(1, hidden // 128),
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+# ---- 1. generation ------------------------------------------------------------------------------------------
+def bench_generation(args) -> list[tuple[str, str, str]]:
+    from rollout_server.torch_decoders import HFDecoder, StaticDecoder
+    from rollout_server.torch_generate import StopChecker, generate_batch, left_pad
+
+    model = random_qwen2(args.hidden, args.layers, args.vocab)
+    g = torch.Generator().manual_seed(0)
+    prompts = [
+        torch.randint(0, args.vocab, (args.prompt_len + 4 * i,), generator=g).tolist()
+        for i in range(args.prompts)
+    ]
+    n, t = args.samples, args.tokens
+
+    def ours(decoder_cls):
+        rows = generate_batch(
+            model,
+            prompts,
+            n=n,
+            max_tokens=t,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            generator=torch.Generator().manual_seed(1),
+            eos_ids=set(),
+            pad_id=0,
+            stop=StopChecker(None, []),
+            ignore_eos=True,
+            decoder=decoder_cls(model),
+        )
+        return sum(len(r.token_ids) for r in rows)
+
+    ids, mask = left_pad(prompts, 0, "cpu")  # [P, T]
+    ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)  # [P*n, T]: generate needs copies
+
+    def hf_generate():
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=t,
+                min_new_tokens=t,
+                pad_token_id=0,
+            )
+        return (out.shape[1] - ids.shape[1]) * out.shape[0]
+
+    methods = {
+        "model.generate": hf_generate,
+        "ours (HF DynamicCache decoder)": lambda: ours(HFDecoder),
+        "ours (static-cache decoder)": lambda: ours(StaticDecoder),
+    }
+    best: dict[str, float] = {}
+    tokens: dict[str, int] = {}
+    for _ in range(args.repeats):
+        for name, fn in methods.items():
+            t0 = time.perf_counter()
+            tokens[name] = fn()
+            dt = time.perf_counter() - t0
+            best[name] = min(best.get(name, float("inf")), dt)
+    base = tokens["model.generate"] / best["model.generate"]
+    rows = []
+    for name in methods:
+        tps = tokens[name] / best[name]
+        rows.append((name, f"{tps:,.0f} tok/s ({best[name]:.2f} s)", f"{tps / base:.2f}x"))
+    return rows
+
+
+# ---- 2. weight sync -----------------------------------------------------------------------------------------
+RAW_RECEIVER = """
+import sys, torch
+from rollout_server.weight_transfer import open_store, join_group
+addr, port, nbytes, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+group = join_group(open_store(addr, port, False, 60), addr, 1, 2, "gloo", 300)
+buf = torch.empty(nbytes, dtype=torch.uint8)
+for _ in range(reps):
+    group.broadcast(buf)
+"""
+
+
+def start_server(model_dir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [
+        sys.executable,
+        "-m",
+        "rollout_server",
+        "--model",
+        str(model_dir),
+        "--backend",
+        "torch",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    ready = threading.Event()
+    threading.Thread(
+        target=lambda: [ready.set() for ln in proc.stdout if ln.startswith("READY")], daemon=True
+    ).start()
+    if not ready.wait(180):
+        proc.kill()
+        raise RuntimeError("rollout server did not start")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def save_sync_model(args) -> tuple[Path, list]:
+    """A random Qwen2 of ~80 MB plus a tokenizer (the server needs one; its vocabulary is irrelevant here)."""
+    from trainer.tiny_model import build_tiny_model
+
+    model = random_qwen2(args.sync_hidden, args.sync_layers, args.sync_vocab, seed=1)
+    out = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
+    model.save_pretrained(out)
+    tok_dir = Path(tempfile.mkdtemp(prefix="bench-rollout-tok-"))
+    build_tiny_model(tok_dir, seed=0)
+    for f in list(tok_dir.glob("*token*")) + [tok_dir / "chat_template.jinja"]:
+        (out / f.name).write_bytes(f.read_bytes())
+    return out, list(model.named_parameters())
+
+
+def bench_sync(args) -> list[tuple[str, str, str]]:
+    """Raw broadcasts and pushes alternate (same load for both); best and median of `repeats` each."""
+    from rollout_server.client import WeightSyncClient
+    from rollout_server.protocol import WeightManifest
+    from rollout_server.weight_transfer import join_group, open_store
+
+    model_dir, named = save_sync_model(args)
+    manifest = WeightManifest.from_named_tensors(named)
+    nbytes = manifest.total_bytes
+    buckets = [int(float(x) * (1 << 20)) for x in args.sync_buckets_mib.split(",")]
+    server, url = start_server(model_dir)
+    raw_port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    reps = args.repeats * len(buckets)
+    receiver = subprocess.Popen(
+        [sys.executable, "-c", RAW_RECEIVER, "127.0.0.1", str(raw_port), str(nbytes), str(reps)], env=env
+    )
+    rows = []
+    try:
+        raw_group = join_group(open_store("127.0.0.1", raw_port, True, 60), "127.0.0.1", 0, 2, "gloo", 300)
+        raw_buf = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)  # [nbytes]
+        sync = WeightSyncClient(url)
+        sync.init_transfer("127.0.0.1", free_port(), backend="gloo", timeout_s=120)
+        sync.push(manifest, iter(named), version=1, bucket_bytes=buckets[0])  # warm-up (first allocations)
+        version = 1
+        for bucket in buckets:
+            raw_t, push_runs = [], []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                raw_group.broadcast(raw_buf)
+                raw_t.append(time.perf_counter() - t0)
+                version += 1
+                push_runs.append(sync.push(manifest, iter(named), version=version, bucket_bytes=bucket))
+            push_t = [r.seconds for r in push_runs]
+            best = min(push_runs, key=lambda r: r.seconds)
+            med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+            rows.append(
+                (
+                    f"raw gloo broadcast of {nbytes / 1e6:.1f} MB (1 buffer)",
+                    f"{min(raw_t) * 1e3:.0f} ms, median {med(raw_t) * 1e3:.0f}",
+                    "1.00x / 1.00x",
+                )
+            )
+            rows.append(
+                (
+                    f"push, bucket {bucket / (1 << 20):g} MiB ({best.num_buckets} buckets, {best.num_tensors} tensors)",
+                    f"{best.seconds * 1e3:.0f} ms, median {med(push_t) * 1e3:.0f} (best: handshake "
+                    f"{best.handshake_s * 1e3:.0f}, pack+send {best.send_s * 1e3:.0f})",
+                    f"{min(push_t) / min(raw_t):.2f}x / {med(push_t) / med(raw_t):.2f}x",
+                )
+            )
+        sync.close()
+        receiver.wait(timeout=120)
+    finally:
+        for p in (receiver, server):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--sync-hidden", type=int, default=512)
+    p.add_argument("--sync-layers", type=int, default=4)
+    p.add_argument("--sync-vocab", type=int, default=16384)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--sync-buckets-mib", default="1024,32,8,1", help="Bucket sizes to push with, in MiB.")
+    p.add_argument("--skip-sync", action="store_true")
+    p.add_argument("--skip-generation", action="store_true")
+    args = p.parse_args()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    )
+    if not args.skip_generation:
+        print(
+            f"\n### Generation: {args.prompts} prompts x {args.samples} samples x {args.tokens} tokens, random Qwen2 "
+            f"hidden {args.hidden}, {args.layers} layers, vocab {args.vocab} (best of {args.repeats})\n"
+        )
+        print("| method | throughput | vs model.generate |\n|---|---|---|")
+        for r in bench_generation(args):
+            print(f"| {r[0]} | {r[1]} | {r[2]} |")
+    if not args.skip_sync:
+        print(f"\n### Weight sync over gloo (CPU), best of {args.repeats}\n")
+        print("| method | time | vs raw broadcast (best / median) |\n|---|---|---|")
+        for r in bench_sync(args):
+            print(f"| {r[0]} | {r[1]} | {r[2]} |")
+
+
+if __name__ == "__main__":
+    main()
