@@ -1,0 +1,150 @@
+"""The config schema: YAML loading, dotted overrides, errors that name the field, shipped configs, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.config import (
+    DEFAULT_REWARDS,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    config_to_yaml,
+    load_config,
+    parse_override,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_defaults_follow_the_reference_recipe():
+    c = TrainConfig()
+    assert c.generation.num_generations == 16 and c.generation.max_completion_length == 200
+    assert c.optim.lr == 5e-6 and c.optim.betas == (0.9, 0.99) and c.optim.weight_decay == 0.1
+    assert c.optim.warmup_ratio == 0.1 and c.optim.scheduler == "cosine" and c.optim.max_grad_norm == 0.1
+    assert c.checkpoint.every_steps == 100
+    assert c.rewards == DEFAULT_REWARDS and set(c.rewards.values()) == {1.0}
+    assert c.launch.num_rollout_servers == 1 and c.warm_start.enabled is False and c.eval.every_steps == 0
+
+
+def test_yaml_load_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        yaml.safe_dump({"run": {"name": "x"}, "optim": {"lr": 1e-5}, "deepspeed": {"zero_stage": 3}})
+    )
+    c = load_config(
+        p, ["optim.lr=2e-6", "rollout.server_urls=[http://a:1, http://b:2]", "model.tiny.num_layers=3"]
+    )
+    assert c.run.name == "x" and c.deepspeed.zero_stage == 3
+    assert c.optim.lr == 2e-6  # the override wins over the file
+    assert c.rollout.server_urls == ["http://a:1", "http://b:2"]
+    assert c.model.tiny.num_layers == 3
+    assert c.run_dir == Path("runs") / "x" and c.checkpoint_dir == Path("runs") / "x" / "checkpoints"
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("a.b=1", (["a", "b"], 1)),
+        ("a=1e-6", (["a"], 1e-6)),
+        ("a=true", (["a"], True)),
+        ("a=null", (["a"], None)),
+        ("a=[1, 2]", (["a"], [1, 2])),
+        ("a=text=with=equals", (["a"], "text=with=equals")),
+        ("a=", (["a"], "")),
+    ],
+)
+def test_parse_override_values_are_yaml(item, expected):
+    assert parse_override(item) == expected
+
+
+@pytest.mark.parametrize("item", ["novalue", "a..b=1", "=1"])
+def test_malformed_overrides_are_errors(item):
+    with pytest.raises(ConfigError):
+        apply_overrides({}, [item])
+
+
+def test_override_into_a_scalar_is_an_error():
+    with pytest.raises(ConfigError, match="'lr' is not a section"):
+        apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr.x=1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "path"),
+    [
+        ("optim.lr=-1", "optim.lr"),
+        ("optim.lr=abc", "optim.lr"),
+        ("optim.betas=[0.9, 1.5]", "optim.betas"),
+        ("optim.typo=1", "optim.typo"),
+        ("generation.num_generations=1", "generation.num_generations"),
+        ("objective.epsilon=2", "objective.epsilon"),
+        ("objective.loss_type=ppo", "objective.loss_type"),
+        ("deepspeed.zero_stage=1", "deepspeed.zero_stage"),
+        ("rollout.server_urls=[]", "rollout.server_urls"),
+        ("rollout.sync_backend=mpi", "rollout.sync_backend"),
+        ("launch.num_trainer_ranks=0", "launch.num_trainer_ranks"),
+        ("data.source=jsonl", "data"),
+        ("rewards={nope: 1.0}", "rewards"),
+        ("custom_rewards={nocolon: 1.0}", "custom_rewards"),
+        ("unknown_section.x=1", "unknown_section"),
+    ],
+)
+def test_invalid_values_name_the_field(override, path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert f"\n  {path}:" in str(e.value), str(e.value)
+
+
+def test_offload_param_needs_stage3():
+    with pytest.raises(ConfigError, match="offload_param"):
+        load_config(None, ["deepspeed.offload_param=true", "deepspeed.zero_stage=2"])
+    assert load_config(
+        None, ["deepspeed.offload_param=true", "deepspeed.zero_stage=3"]
+    ).deepspeed.offload_param
+
+
+def test_every_field_is_documented():
+    def walk(model_cls, prefix=""):
+        for name, f in model_cls.model_fields.items():
+            assert f.description, f"{prefix}{name} has no description"
+            ann = f.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, f"{prefix}{name}.")
+
+    walk(TrainConfig)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_configs_validate_and_round_trip(path):
+    c = load_config(path)
+    again = TrainConfig.model_validate(yaml.safe_load(config_to_yaml(c)))
+    assert again == c
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in SHIPPED}
+    assert {"qwen2.5-0.5b-gsm8k.yaml", "qwen2.5-1.5b-gsm8k-long.yaml", "cpu-tiny-test.yaml"} <= names
+
+
+def test_loss_config_is_extracted_unchanged():
+    c = load_config(None, ["objective.beta=0.04", "objective.loss_type=grpo", "objective.epsilon_high=0.28"])
+    lc = c.objective.loss_config()
+    assert (lc.beta, lc.loss_type, lc.epsilon_high) == (0.04, "grpo", 0.28)
+
+
+def test_cli_rejects_an_invalid_config_naming_the_field():
+    r = subprocess.run(
+        [sys.executable, "-m", "trainer", "--config", "configs/cpu-tiny-test.yaml", "optim.lr=-1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert "optim.lr" in r.stderr and "greater than 0" in r.stderr

@@ -1,0 +1,178 @@
+"""Helpers of the trainer tests: a rollout-server process, trainer ranks as processes, and a reward with signal.
+
+Every process started here is killed (its whole process group) when the test ends, pass or fail, and every
+wait has a deadline, so a test fails rather than hangs and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def digit_fraction(prompts=None, completions=(), **columns) -> list[float]:
+    """A reward that varies on a random tiny model's output (fraction of digit characters), so group
+    advantages are non-zero and every step really moves the weights."""
+    out = []
+    for c in completions:
+        text = c if isinstance(c, str) else c[-1]["content"]
+        out.append(sum(ch.isdigit() for ch in text) / max(len(text), 1))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def rollout_server(model_dir: Path, log_path: Path, ready_timeout_s: float = 120.0, port: int | None = None):
+    """``python -m rollout_server --backend torch`` on ``port`` (default: a free one); yields (url, process)."""
+    port = port or free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rollout_server",
+            "--model",
+            str(model_dir),
+            "--backend",
+            "torch",
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        env=child_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while "READY" not in Path(log_path).read_text():
+            if proc.poll() is not None:
+                raise RuntimeError(f"rollout server exited early:\n{Path(log_path).read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rollout server not ready in {ready_timeout_s}s")
+            time.sleep(0.3)
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        kill_group(proc)
+        log.close()
+
+
+def start_trainer(
+    world_size: int, config: str | Path, overrides: list[str], log_dir: Path, tag: str = "trainer"
+) -> list[subprocess.Popen]:
+    """``python -m trainer`` as ``world_size`` ranks (env-var rendezvous, like torchrun sets up)."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = child_env()
+        if world_size > 1:
+            env.update(
+                RANK=str(rank),
+                WORLD_SIZE=str(world_size),
+                LOCAL_RANK=str(rank),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
+        log = open(log_dir / f"{tag}-rank{rank}.log", "w")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "trainer", "--config", str(config), *overrides],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        log.close()
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout_s: float) -> list[int]:
+    """Exit codes of every process; kills them all and raises if the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired as e:
+        raise TimeoutError(f"trainer did not finish within {timeout_s}s") from e
+    finally:
+        for p in procs:
+            kill_group(p)
+    return [p.returncode for p in procs]
+
+
+def read_log(log_dir: Path, tag: str = "trainer", rank: int = 0) -> str:
+    return (log_dir / f"{tag}-rank{rank}.log").read_text()[-6000:]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def load_hf(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def greedy_with_logprobs(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """Plain greedy decoding with full forwards (no cache): token ids and log_softmax of each chosen token."""
+    ids = torch.tensor([prompt_ids])  # [1, L]
+    eos = model.config.eos_token_id
+    toks, lps = [], []
+    for _ in range(max_new_tokens):
+        logits = model(ids).logits[0, -1].float()  # [V]
+        logp = torch.log_softmax(logits, -1)  # [V]
+        t = int(torch.argmax(logits))
+        toks.append(t)
+        lps.append(float(logp[t]))
+        ids = torch.cat([ids, torch.tensor([[t]])], dim=1)  # [1, L + 1]
+        if t == eos:
+            break
+    return toks, lps
+
+
+def state_dicts_equal(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -1,0 +1,192 @@
+"""Push the policy's weights to every rollout server: one update request per server per sync.
+
+Interface (what the loop sees): ``WeightSync.push(version) -> stats``; every rank calls it, rank 0 sends.
+
+Under ZeRO-3 no rank holds the full model, so parameters are gathered a bucket's worth at a time
+(``deepspeed.zero.GatheredParameters`` on a subset of parameters; every rank joins the all-gather, only rank 0
+sends). The client consumes tensors lazily in manifest order, so at most one gathered bucket (plus the packed
+copy the client makes) is alive at a time. Under ZeRO-2 every rank has the full parameters and rank 0 sends
+them directly.
+
+The transfer itself (HTTP announce + packed broadcast over a dedicated gloo/NCCL group) is
+``rollout_server.client.WeightSyncClient``; every step of it has a timeout (``rollout.sync_timeout_s``).
+Non-zero ranks wait for rank 0's result through a broadcast (bounded by the trainer group's timeout), so a
+failed push stops every rank with the same error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import torch
+
+from trainer.distributed import broadcast_object
+
+log = logging.getLogger(__name__)
+
+
+def named_hf_parameters(hf_model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(HF checkpoint name, parameter) in module order; tied weights appear once (as named_parameters does)."""
+    return list(hf_model.named_parameters())
+
+
+def _numel(p: torch.nn.Parameter) -> int:
+    shape = getattr(p, "ds_shape", None) or p.shape
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def gather_groups(
+    params: list[tuple[str, torch.nn.Parameter]], bucket_bytes: int, itemsize: int
+) -> list[list[int]]:
+    """Indices of consecutive parameters whose gathered size stays near ``bucket_bytes`` (at least one each)."""
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    size = 0
+    for i, (_, p) in enumerate(params):
+        cur.append(i)
+        size += _numel(p) * itemsize
+        if size >= bucket_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def iter_full_tensors(
+    params: list[tuple[str, torch.nn.Parameter]],
+    zero3: bool,
+    bucket_bytes: int,
+    dtype: torch.dtype | None,
+    send: bool,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full (gathered) tensors in order. Every rank must drain this iterator (ZeRO-3 all-gathers inside)."""
+    if not zero3:
+        for name, p in params:
+            t = p.detach()
+            yield name, (t.to(dtype) if dtype is not None and t.dtype != dtype else t)
+        return
+    import deepspeed
+
+    itemsize = torch.tensor([], dtype=dtype or params[0][1].dtype).element_size()
+    for group in gather_groups(params, bucket_bytes, itemsize):
+        subset = [params[i][1] for i in group]
+        with deepspeed.zero.GatheredParameters(subset, modifier_rank=None):
+            for i in group:
+                name, p = params[i]
+                if send:
+                    # A copy: the gathered storage is freed when the context exits, possibly before the
+                    # client has packed this tensor into its current bucket.
+                    t = p.detach().to(dtype) if dtype is not None else p.detach().clone()
+                    yield name, t
+
+
+class WeightSync:
+    """Every rank constructs it; only rank 0 opens the transfer group and talks to the servers."""
+
+    def __init__(
+        self,
+        hf_model: torch.nn.Module,
+        *,
+        server_urls: list[str],
+        api_token: str | None,
+        rank: int,
+        zero3: bool,
+        backend: str,
+        master_addr: str,
+        master_port: int,
+        bucket_bytes: int,
+        timeout_s: float,
+        dtype: torch.dtype | None = None,
+    ):
+        self.params = named_hf_parameters(hf_model)
+        self.rank = rank
+        self.zero3 = zero3
+        self.bucket_bytes = bucket_bytes
+        self.timeout_s = timeout_s
+        self.dtype = dtype
+        self.backend = backend
+        self.master_addr, self.master_port = master_addr, master_port
+        self.client = None
+        self.server_urls = list(server_urls)
+        if rank == 0:
+            from rollout_server.client import WeightSyncClient
+            from rollout_server.protocol import TensorSpec, WeightManifest, dtype_name
+
+            self.client = WeightSyncClient(server_urls, api_token=api_token, http_timeout_s=timeout_s)
+            specs = []
+            for name, p in self.params:
+                shape = [int(d) for d in (getattr(p, "ds_shape", None) or p.shape)]
+                specs.append(TensorSpec(name=name, dtype=dtype_name(dtype or p.dtype), shape=shape))
+            self.manifest = WeightManifest(tensors=specs)
+
+    def connect(self) -> None:
+        """Open the transfer group (rank 0); all ranks learn whether it worked."""
+        err = None
+        if self.rank == 0:
+            try:
+                self.client.init_transfer(self.master_addr, self.master_port, self.backend, self.timeout_s)
+            except Exception as e:  # reported on every rank below
+                err = (
+                    f"weight-sync group with {self.server_urls} could not be opened: {type(e).__name__}: {e}"
+                )
+        err = broadcast_object(err)
+        if err:
+            raise RuntimeError(err)
+
+    def push(self, version: int) -> dict[str, float]:
+        """Send the current weights as ``version``; returns timing stats (same dict on every rank)."""
+        t0 = time.perf_counter()
+        tensors = iter_full_tensors(
+            self.params, self.zero3, self.bucket_bytes, self.dtype, send=self.rank == 0
+        )
+        result: dict[str, float] | str
+        if self.rank == 0:
+            try:
+                stats = self.client.push(
+                    self.manifest,
+                    tensors,
+                    version=version,
+                    bucket_bytes=self.bucket_bytes,
+                    timeout_s=self.timeout_s,
+                )
+                result = {
+                    "sync/seconds": time.perf_counter() - t0,
+                    "sync/handshake_s": stats.handshake_s,
+                    "sync/send_s": stats.send_s,
+                    "sync/bytes": float(stats.bytes),
+                    "sync/buckets": float(stats.num_buckets),
+                }
+            except Exception as e:
+                result = (
+                    f"weight sync of version {version} to {self.server_urls} failed: {type(e).__name__}: {e}"
+                )
+            # If the push failed midway, finish the ZeRO-3 gathers so the other ranks are not left waiting.
+            for _ in tensors:
+                pass
+        else:
+            for _ in tensors:
+                pass
+            result = {}
+        result = broadcast_object(result)
+        if isinstance(result, str):
+            raise RuntimeError(result)
+        return result
+
+    def close(self) -> None:
+        if self.client is not None:
+            try:
+                self.client.close()
+            except Exception as e:  # closing is best effort
+                log.warning("closing the weight-sync client: %s", e)
+
+
+def transfer_backend(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "nccl" if torch.cuda.is_available() else "gloo"
