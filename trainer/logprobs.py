@@ -1,0 +1,176 @@
+"""Per-token log-probs (and entropy) of sampled tokens, computed in chunks of tokens.
+
+Why: the full float32 logits of 16 completions x 8k tokens x 151,936 vocab are ~80 GB, and autograd would keep
+them (plus the log-softmax and its gradient) alive until backward. Here the tokens are cut into chunks of
+``chunk_tokens`` rows; each chunk runs ``head -> float32 log-softmax -> gather`` under a non-reentrant
+``torch.utils.checkpoint``, so the forward keeps only the chunk's hidden states, and backward recomputes one
+chunk's logits at a time. Peak extra memory is ~3 x chunk_tokens x vocab x 4 bytes, whatever B and T are.
+
+Inside a chunk a small autograd Function turns logits into (log-prob of the target, entropy) with a hand
+written backward (d logp_y / dz = onehot(y) - p, dH / dz = -p (log p + H)), so it never stores the
+log-softmax matrix nor builds the one-hot scatter that ``log_softmax(...).gather(...)`` would.
+
+Convention (shared with the rollout servers, see ARCHITECTURE.md): ``log_softmax(logits / temperature)``,
+computed in float32 whatever the model dtype.
+
+ZeRO-3: ``head`` is *called* (``head(hidden_chunk)``), never read through ``.weight``, because a partitioned
+weight is only gathered inside the module's forward. The head is therefore called once per chunk in forward
+and once more per chunk in backward; with ZeRO-3 each call gathers the head weight (use large chunks, or wrap
+the call in ``deepspeed.zero.GatheredParameters`` if that gather dominates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float32 for bf16/fp16/fp32 models; float64 stays float64 (lets tests compare tightly)."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature in the compute dtype; returns ``logits`` itself (no copy) when nothing changes."""
+    z = logits.to(_compute_dtype(logits))
+    return z / temperature if temperature != 1.0 else z
+
+
+class _TargetLogprobAndEntropy(torch.autograd.Function):
+    """logits [C, V] (any float dtype), targets [C] -> (log p(target) [C], entropy [C]), both fp32 (fp64 for fp64).
+
+    Every [C, V] pass costs memory bandwidth (and, on CPU, page faults for each fresh buffer), so both
+    directions use as few full-vocabulary passes and buffers as they can: at most 3 [C, V] buffers alive.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
+        z = _scaled(logits, temperature)  # [C, V]
+        row_max = z.amax(dim=-1, keepdim=True)  # [C, 1]
+        e = (z - row_max).exp_()  # [C, V] unnormalised probabilities
+        denom = e.sum(dim=-1)  # [C]
+        lse = row_max.squeeze(-1) + denom.log()  # [C] log-sum-exp
+        logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse  # [C]
+        if with_entropy:
+            # H = lse - E_p[z], with E_p[z] = <e, z> / denom as one batched dot product (no [C, V] temporary)
+            entropy = lse - torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1) / denom  # [C]
+        else:
+            entropy = torch.zeros_like(lse)  # [C]
+            ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.temperature = temperature
+        ctx.with_entropy = with_entropy
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp: torch.Tensor, grad_entropy: torch.Tensor):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        z = _scaled(logits, ctx.temperature)  # [C, V]
+        p = (z - lse.unsqueeze(-1)).exp_()  # [C, V] softmax
+        if ctx.with_entropy:
+            # dlogp_y/dz = onehot(y) - p;  dH/dz = -p (log p + H) = -p (z - lse + H)
+            # => dL/dz = -p * (g_lp + g_H (z - lse + H)) + g_lp onehot(y)
+            shift = (lse - entropy).unsqueeze(-1)  # [C, 1]
+            coef = z.sub_(shift) if z is not logits else z - shift  # [C, V] reuse z when it is our own copy
+            coef.mul_(grad_entropy.unsqueeze(-1)).add_(grad_logp.unsqueeze(-1))
+            grad_z = p.mul_(coef).neg_()  # [C, V]
+            del coef
+        else:
+            grad_z = p.mul_(-grad_logp.unsqueeze(-1))  # [C, V]
+        del z
+        grad_z.scatter_add_(-1, targets.unsqueeze(-1), grad_logp.unsqueeze(-1))
+        if ctx.temperature != 1.0:
+            grad_z.div_(ctx.temperature)
+        return grad_z.to(logits.dtype), None, None, None
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of ``targets`` under ``log_softmax(head(hidden) / temperature)``, never holding full logits.
+
+    hidden [B, T, H] are the states that *predict* targets [B, T] (already shifted by the caller). Returns
+    (logprobs [B, T] float32, entropy [B, T] float32 or None). Both are differentiable w.r.t. ``hidden`` and
+    the head's parameters; the entropy is the full-vocabulary entropy of the tempered distribution.
+    (Outputs are float64 if the head returns float64 logits.)
+    """
+    if hidden.dim() != 3 or targets.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"need hidden [B, T, H] and targets [B, T], got {tuple(hidden.shape)} / {tuple(targets.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    batch, length, width = hidden.shape
+    flat_hidden = hidden.reshape(batch * length, width)  # [B*T, H]
+    flat_targets = targets.reshape(batch * length).long()  # [B*T]
+
+    def one_chunk(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _TargetLogprobAndEntropy.apply(head(h), y, temperature, with_entropy)  # [C], [C]
+
+    # Recompute in backward only when a backward can happen; under no_grad plain calls are cheaper.
+    recompute = torch.is_grad_enabled()
+    logps, entropies = [], []
+    for start in range(0, batch * length, chunk_tokens):
+        h = flat_hidden[start : start + chunk_tokens]  # [C, H]
+        y = flat_targets[start : start + chunk_tokens]  # [C]
+        if recompute:
+            lp, ent = checkpoint(one_chunk, h, y, use_reentrant=False)
+        else:
+            lp, ent = one_chunk(h, y)
+        logps.append(lp)
+        entropies.append(ent)
+
+    if not logps:  # B*T == 0
+        empty = hidden.new_zeros((batch, length), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        return empty, (empty.clone() if with_entropy else None)
+    logprobs = torch.cat(logps).view(batch, length)  # [B, T]
+    entropy = torch.cat(entropies).view(batch, length) if with_entropy else None  # [B, T]
+    return logprobs, entropy
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    num_completion_tokens: int,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the last ``num_completion_tokens`` tokens of ``input_ids`` [B, L] under a HF causal LM.
+
+    ``input_ids`` = left-padded prompt + right-padded completion (K = ``num_completion_tokens`` columns).
+    Runs the transformer body (``model.get_decoder()``) for the last hidden state, then the chunked head on the
+    K positions that predict the completion tokens (position t predicts token t + 1). Position ids count real
+    tokens only (``cumsum(attention_mask) - 1``), as HF ``generate`` and vLLM do, so a left-padded row scores
+    like the same row unpadded. ``model`` is the HF model itself, not a DeepSpeed engine; under DeepSpeed call
+    this from inside the engine's forward (a wrapper module) so ZeRO's per-forward bookkeeping runs.
+    Returns (logprobs [B, K] float32, entropy [B, K] or None); padded completion positions hold garbage
+    values that the caller masks with the completion mask.
+    """
+    seq_len = input_ids.shape[1]
+    if not 1 <= num_completion_tokens < seq_len:
+        raise ValueError(f"num_completion_tokens must be in [1, {seq_len - 1}], got {num_completion_tokens}")
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
+    body = model.get_decoder()
+    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    k = num_completion_tokens
+    hidden = out.last_hidden_state[:, seq_len - k - 1 : seq_len - 1]  # [B, K, H]
+    targets = input_ids[:, seq_len - k :]  # [B, K]
+    return chunked_token_logprobs(
+        hidden,
+        model.get_output_embeddings(),
+        targets,
+        temperature=temperature,
+        chunk_tokens=chunk_tokens,
+        with_entropy=with_entropy,
+    )
