@@ -388,10 +388,6 @@ class Driver:
         ]
         if self.cfg.warm_start.enabled:
             argv.append("warm_start.enabled=false")  # done once by _warm_start; self.model is its output
-        if self.token and not self.cfg.rollout.api_token:
-            # The trainer reads its token from the config only (today); this puts it on the rank's command line.
-            # TODO(trainer): read ROLLOUT_API_TOKEN from the environment, then drop this override.
-            argv.append(f"rollout.api_token={self.token}")
         if resume:
             argv.append("checkpoint.resume=true")
         per_node = {ip: ips.count(ip) for ip in ips}

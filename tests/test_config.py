@@ -148,3 +148,16 @@ def test_cli_rejects_an_invalid_config_naming_the_field():
     )
     assert r.returncode == 2
     assert "optim.lr" in r.stderr and "greater than 0" in r.stderr
+
+
+def test_api_token_comes_from_the_environment_and_never_reaches_disk(monkeypatch):
+    from trainer.config import config_to_yaml, load_config
+
+    monkeypatch.setenv("ROLLOUT_API_TOKEN", "s3cret-from-env")
+    cfg = load_config("configs/cpu-tiny-test.yaml")
+    assert cfg.rollout.api_token == "s3cret-from-env"
+    assert "s3cret-from-env" not in config_to_yaml(cfg)
+    explicit = load_config("configs/cpu-tiny-test.yaml", ["rollout.api_token=given"])
+    assert explicit.rollout.api_token == "given"
+    monkeypatch.delenv("ROLLOUT_API_TOKEN")
+    assert load_config("configs/cpu-tiny-test.yaml").rollout.api_token is None

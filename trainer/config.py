@@ -219,7 +219,14 @@ class RolloutConfig(Section):
         max_length=256,
         description="Base URLs of the rollout servers; prompts of a step are spread over all of them.",
     )
-    api_token: str | None = Field(None, description="Bearer token of the rollout servers (None = no auth).")
+    api_token: str | None = Field(
+        None,
+        description="Bearer token of the rollout servers (None = no auth). When unset, the environment "
+        "variable ROLLOUT_API_TOKEN is used, so the token need not appear on a command line; it is never "
+        "written to RUN_DIR/config.yaml.",
+        validate_default=True,
+    )
+
     request_timeout_s: float = Field(
         600.0, gt=0.0, le=86400.0, description="Timeout of one /generate request."
     )
@@ -251,6 +258,12 @@ class RolloutConfig(Section):
         description="dtype of the pushed weights (must match the server's); auto = the training dtype.",
     )
     sync_every_steps: int = Field(1, ge=1, le=100000, description="Push weights every N optimizer steps.")
+
+    @field_validator("api_token", mode="after")
+    @classmethod
+    def _token_from_env(cls, v: str | None) -> str | None:
+        # Read at validation time: the launcher passes the token to trainer ranks through the environment.
+        return v if v else (os.environ.get("ROLLOUT_API_TOKEN") or None)
 
 
 class CheckpointConfig(Section):
@@ -527,4 +540,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 def config_to_yaml(cfg: TrainConfig) -> str:
     """The resolved config as YAML (written to RUN_DIR/config.yaml for the record)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    data = cfg.model_dump(mode="json")
+    if data.get("rollout", {}).get("api_token"):
+        data["rollout"]["api_token"] = "<redacted>"  # a secret never goes to disk with the run's record
+    return yaml.safe_dump(data, sort_keys=False)
