@@ -195,11 +195,35 @@ def make_arithmetic_problems(
     return out
 
 
+def column_addition_steps(a: int, b: int) -> list[str]:
+    """Schoolbook addition, units column first: ``37 + 48`` -> ``["7 + 8 = 15", "3 + 4 + 1 = 8"]``.
+
+    Why: a tiny model cannot learn a two-digit sum as one lookup (it memorises the training problems and stays
+    near chance on held-out ones); one line per column makes every step a one-digit fact plus a carry, which
+    it learns and generalises (tuning report: 31% held-out after the warm start vs ~8% with one line).
+    """
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(xs), len(ys))):
+        dx = int(xs[i]) if i < len(xs) else 0
+        dy = int(ys[i]) if i < len(ys) else 0
+        s = dx + dy + carry
+        steps.append(f"{dx} + {dy}" + (f" + {carry}" if carry else "") + f" = {s}")
+        carry = s // 10
+    return steps
+
+
 def arithmetic_solution_text(problem: dict[str, Any], prompt_format: PromptFormat = "reasoning") -> str:
-    """A correct completion in the answer format (earns every reference reward: 4.0 in total)."""
+    """A correct completion in the answer format (earns every reference reward: 4.0 in total).
+
+    Additions are worked column by column (``column_addition_steps``) before the final line; other
+    operations get the final line only.
+    """
     a, op, b, gold = problem["a"], problem["op"], problem["b"], problem["gold"]
     tag = REASONING_TAGS[prompt_format]
-    return f"<{tag}>\n{a} {op} {b} = {gold}\n</{tag}>\n<answer>\n{gold}\n</answer>\n"
+    steps = column_addition_steps(a, b) if op == "+" else []
+    body = "\n".join([*steps, f"{a} {op} {b} = {gold}"])
+    return f"<{tag}>\n{body}\n</{tag}>\n<answer>\n{gold}\n</answer>\n"
 
 
 # ---------------------------------------------------------------- loading and prompt building

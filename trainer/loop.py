@@ -121,6 +121,7 @@ class _Runner:
         self.rollout = None
         self.scorer = None
         self.dataset = None
+        self.eval_rows: list[dict] = []  # held-out slice for eval.every_steps (rank 0)
         self.metrics = None
         self.completions_log = None
         self.sync = None
@@ -162,10 +163,9 @@ class _Runner:
         self.engine, _, _ = build_engine(cfg, self.model_path, self.world, self.total_steps)
         self.hf_model = self.engine.module.model
         ref = build_reference(cfg, self.model_path, self.world, self.info.device)
-        if cfg.warm_start.enabled or cfg.eval.every_steps:
+        if cfg.warm_start.enabled:
             log.warning(
-                "warm_start / eval are run by the launcher (python -m launch) and trainer.sft / trainer.eval; "
-                "python -m trainer itself does neither"
+                "warm_start is run by the launcher (python -m launch) or trainer.sft; python -m trainer does not"
             )
         self.update = UpdateStage(
             self.engine,
@@ -220,7 +220,34 @@ class _Runner:
         except Exception as e:
             return f"could not load prompts: {type(e).__name__}: {e}"
         self.dataset = PromptDataset(split.rows, seed=self.cfg.data.seed, shuffle=self.cfg.data.shuffle)
+        ev = self.cfg.eval
+        if ev.every_steps:
+            try:  # the held-out slice for periodic evaluation: the first num_problems of the split
+                self.eval_rows = load_prompts(self.cfg.data, self.tokenizer, ev.split).rows[: ev.num_problems]
+            except Exception as e:
+                return f"could not load the {ev.split} split for eval.every_steps: {type(e).__name__}: {e}"
         return len(split.rows)
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        """Held-out accuracy of the weights just pushed (version == step), through the first rollout server."""
+        from trainer.eval import evaluate_with_client
+
+        ev = self.cfg.eval
+        if not ev.every_steps or step % ev.every_steps or not self.eval_rows:
+            return {}
+        t0 = time.perf_counter()
+        m = evaluate_with_client(
+            self.rollout.clients[0],
+            self.eval_rows,
+            k=ev.k,
+            temperature=ev.temperature,
+            max_tokens=ev.max_tokens,
+            seed=self.cfg.run.seed,
+        )
+        out = {f"eval/{k}": v for k, v in m.items()}
+        out["time/eval_s"] = time.perf_counter() - t0
+        log.info("step %d held-out eval: %s", step, {k: round(v, 4) for k, v in out.items()})
+        return out
 
     def _setup_rank0_io(self) -> None:
         from trainer.metrics_log import CompletionsLogger, MetricsLogger
@@ -379,7 +406,8 @@ class _Runner:
         step_s = time.perf_counter() - t_step
         if self.rank != 0:
             return {}
-        return self._step_metrics(step, batch, scored, result, sync_stats, train_s, sync_s, step_s)
+        extra = {**sync_stats, **self._evaluate(step)}
+        return self._step_metrics(step, batch, scored, result, extra, train_s, sync_s, step_s)
 
     def _step_metrics(
         self, step, batch, scored, result, sync_stats, train_s, sync_s, step_s
