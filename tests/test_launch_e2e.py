@@ -364,7 +364,13 @@ def test_joined_cluster_serves_on_node_ip_with_token_and_leaves_no_actor(tmp_pat
         assert named == ["NAMED ['probe']"], (
             listed.stdout + listed.stderr
         )  # the probe proves the listing works
-        assert "api_token=***" in (run.run_dir / "logs" / "trainer-0.log").read_text()
+        # The per-run token reaches the trainer ranks through the environment: never on a command line, and
+        # redacted in the run's config record.
+        starts = [
+            ln for ln in (run.run_dir / "logs" / "trainer-0.log").read_text().splitlines() if "start #" in ln
+        ]
+        assert starts and not any("api_token" in ln for ln in starts), starts
+        assert "api_token: <redacted>" in (run.run_dir / "config.yaml").read_text()
     finally:
         holder.stdin.close()
         try:

@@ -326,3 +326,48 @@ def test_run_page_errors(page, ui_url, tmp_path):
     page.wait_for_selector("#run-error:not(.hidden)")
     assert "not found" in page.text_content("#run-error")
     page.screenshot(path=str(ARTIFACTS / "run-missing-folder.png"))
+
+
+@pytest.fixture(scope="module")
+def real_run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A run folder written by a real trainer run (3 GRPO steps of the tiny model against a real server)."""
+    from tests.trainer_support import free_port, read_log, rollout_server, start_trainer, wait_all
+
+    out = tmp_path_factory.mktemp("real-run")
+    with rollout_server(tiny_model_dir, out / "server.log") as (url, _server):
+        overrides = [
+            f"model.name_or_path={tiny_model_dir}",
+            f"run.output_dir={out}",
+            "run.name=real",
+            f"rollout.server_urls=[{url}]",
+            f"rollout.sync_master_port={free_port()}",
+            "logging.tensorboard=false",
+            "logging.completions_every_steps=1",
+            "optim.max_steps=3",
+            "checkpoint.every_steps=0",
+        ]
+        codes = wait_all(start_trainer(1, "configs/cpu-tiny-test.yaml", overrides, out), timeout_s=240)
+    assert codes == [0], read_log(out)
+    return out / "real"
+
+
+def test_run_page_on_a_real_trainer_run(page, ui_url, real_run_dir):
+    """The Run page reads what the trainer really writes (not only the synthetic folder above)."""
+    page.goto(ui_url + "/run.html?run_dir=" + str(real_run_dir))
+    page.wait_for_function(
+        "document.getElementById('status-text').textContent.includes('step 3')", timeout=30_000
+    )
+    # A random tiny model earns ~no reward: flat series at 0 (zero-height paths, hence state="attached").
+    page.wait_for_selector('[data-chart="rewards"] path.series', state="attached")
+    legend = page.text_content('[data-chart="rewards"] .legend')
+    for name in ("correctness", "strict_format", "soft_format", "xml_count", "integer", "total"):
+        assert name in legend, legend
+    for chart in ("rewards", "accuracy", "length"):
+        paths = page.locator(f'[data-chart="{chart}"] path.series')
+        assert paths.count() >= 1, chart
+        for i in range(paths.count()):  # every point has real coordinates (a constant series once gave NaN)
+            d = paths.nth(i).get_attribute("d")
+            assert d and "NaN" not in d, (chart, d)
+    page.wait_for_selector("#cards .card")
+    assert page.locator("#cards .card").count() >= 1
+    page.screenshot(path=str(ARTIFACTS / "run-real-trainer.png"), full_page=True)

@@ -96,6 +96,9 @@ function drawChart(box, title, keys, rows) {
   y0 -= pad; y1 += pad;
   if (lo >= 0 && y0 < 0) y0 = 0;
   if (hi <= 0 && y1 > 0) y1 = 0;
+  // A series that is all zeros (a run that has earned no reward yet) must still draw: both clamps above
+  // would otherwise collapse the range to a point and every coordinate to NaN.
+  if (!(y1 > y0)) { if (lo >= 0) y1 = y0 + pad; else y0 = y1 - pad; }
   const yt = niceTicks(y0, y1, 4).filter((t) => t >= y0 - 1e-12 && t <= y1 + 1e-12);
   const tickStep = yt.length > 1 ? yt[1] - yt[0] : 1;
   const decimals = Math.max(0, Math.min(6, -Math.floor(Math.log10(tickStep) + 1e-9)));
