@@ -147,7 +147,7 @@ def test_health_and_shapes(client):
     assert [c.prompt_index for c in res.completions] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert [c.sample_index for c in res.completions] == [0, 1, 2] * 3
     for c in res.completions:
-        assert 1 <= len(c.token_ids) <= 12 and len(c.logprobs) == len(c.token_ids)
+        assert 0 < len(c.token_ids) <= 12 and len(c.logprobs) == len(c.token_ids)
         assert c.finish_reason == ("length" if len(c.token_ids) == 12 else "stop")
         assert all(lp <= 0 for lp in c.logprobs)
         assert c.weight_version == res.weight_version
