@@ -37,21 +37,9 @@ def ensure_model(cfg) -> str:
     name = cfg.model.name_or_path
     if name != TINY:
         return name
-    out = tiny_model_dir(cfg)
-    if not (out / "config.json").exists():
-        from trainer.tiny_model import build_tiny_model
+    from trainer.tiny_model import ensure_tiny_model
 
-        t = cfg.model.tiny
-        tmp = out.with_name(out.name + ".building")
-        build_tiny_model(
-            tmp,
-            gsm8k_dir=t.gsm8k_dir,
-            seed=t.seed,
-            vocab_size=t.vocab_size,
-            hidden_size=t.hidden_size,
-            num_layers=t.num_layers,
-        )
-        tmp.rename(out)  # atomic: a half-built folder is never mistaken for a model
+    out = ensure_tiny_model(tiny_model_dir(cfg), cfg.model.tiny)
     return str(out.resolve())
 
 

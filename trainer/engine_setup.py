@@ -27,19 +27,11 @@ def resolve_model_path(cfg: TrainConfig, is_main: bool) -> str:
     if cfg.model.name_or_path != "tiny":
         return cfg.model.name_or_path
     from trainer.distributed import barrier
-    from trainer.tiny_model import build_tiny_model
+    from trainer.tiny_model import ensure_tiny_model
 
     out = cfg.run_dir / "tiny-model"
-    if is_main and not (out / "config.json").exists():
-        t = cfg.model.tiny
-        build_tiny_model(
-            out,
-            gsm8k_dir=t.gsm8k_dir,
-            seed=t.seed,
-            vocab_size=t.vocab_size,
-            hidden_size=t.hidden_size,
-            num_layers=t.num_layers,
-        )
+    if is_main:
+        ensure_tiny_model(out, cfg.model.tiny)
     barrier()
     return str(out)
 

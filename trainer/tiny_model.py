@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -210,6 +211,30 @@ def build_tiny_model(
     model.to(torch.float32)
     model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None)
     model.save_pretrained(out)
+    return out
+
+
+def ensure_tiny_model(out_dir: str | Path, options) -> Path:
+    """Build the tiny model into ``out_dir`` once, atomically; ``options`` has the fields of the config's
+    ``model.tiny`` section (gsm8k_dir, seed, vocab_size, hidden_size, num_layers).
+
+    Why atomic (temporary folder, then rename): the launcher and the trainer both look for ``config.json``
+    here, and a half-built folder left by a crash must never be mistaken for a model.
+    """
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)  # leftover of an interrupted build
+    build_tiny_model(
+        tmp,
+        gsm8k_dir=options.gsm8k_dir,
+        seed=options.seed,
+        vocab_size=options.vocab_size,
+        hidden_size=options.hidden_size,
+        num_layers=options.num_layers,
+    )
+    tmp.rename(out)
     return out
 
 
