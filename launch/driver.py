@@ -462,6 +462,11 @@ class Driver:
                 self._say(
                     f"trainer rank {r} failed ({c}); log tail:\n{tail(self.log_dir / f'trainer-{r}.log')}"
                 )
+                if c == 2:  # configuration or checkpoint refused: a restart would be refused the same way
+                    raise RuntimeError(
+                        f"trainer rank {r} refused its configuration or checkpoints (exit 2); see "
+                        f"{self.log_dir / f'trainer-{r}.log'}"
+                    )
                 lost = [i for i, cc in enumerate(codes) if isinstance(cc, str)]
                 for i in sorted(lost, reverse=True):
                     self._kill_actor(self.rank_actors.pop(i))
@@ -540,9 +545,17 @@ def _raise_interrupted(signum, frame) -> None:
 
 
 def main(config_path: str, overrides: list[str]) -> int:
-    from trainer.config import load_config
+    """Exit status: 0 done, 1 the run failed, 2 invalid configuration or checkpoints, 130 interrupted."""
+    from trainer.checkpoint import CheckpointError, ensure_no_checkpoints
+    from trainer.config import ConfigError, load_config
 
-    cfg = load_config(config_path, overrides)
+    try:
+        cfg = load_config(config_path, overrides)
+        if not cfg.checkpoint.resume:  # refuse before Ray, the warm start and servers are started
+            ensure_no_checkpoints(cfg.checkpoint_dir)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     code = Driver(cfg, config_path, overrides).run()
     sys.stdout.flush()
     return code

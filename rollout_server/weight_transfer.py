@@ -48,6 +48,11 @@ def go_key(sync_id: str) -> str:
     return f"{SYNC_KEY_PREFIX}/{sync_id}/go"
 
 
+def received_key(sync_id: str, rank: int) -> str:
+    """Where a receiver that cannot raise to its caller (a vLLM worker) reports "ok" or its error."""
+    return f"{SYNC_KEY_PREFIX}/{sync_id}/received/{rank}"
+
+
 def _td(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 

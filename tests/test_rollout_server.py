@@ -6,8 +6,10 @@ Every HTTP call and collective has a timeout; the server processes are killed in
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,8 +42,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, *extra: str, timeout_s: float = 90.0):
+def start_server(model_dir: Path, *extra: str, timeout_s: float | None = None, backend: str = "torch"):
     port = free_port()
+    if timeout_s is None:
+        timeout_s = 90.0 if backend == "torch" else 240.0  # vLLM CPU starts in ~40 s (eager), more when busy
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     cmd = [
         sys.executable,
@@ -50,7 +54,7 @@ def start_server(model_dir: Path, *extra: str, timeout_s: float = 90.0):
         "--model",
         str(model_dir),
         "--backend",
-        "torch",
+        backend,
         "--port",
         str(port),
         "--log-level",
@@ -85,11 +89,32 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
+BACKENDS = [
+    "torch",
+    pytest.param(
+        "vllm",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (x86 AVX-512 CPU or GPU)"
+        ),
+    ),
+]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request) -> str:
+    """Every test that talks to the shared server runs once per backend: the contract is the same."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    proc, url, _lines = start_server(tiny_model_dir, "--api-token", TOKEN, "--max-body-bytes", "200000")
+def server(tiny_model_dir, backend):
+    proc, url, _lines = start_server(
+        tiny_model_dir, "--api-token", TOKEN, "--max-body-bytes", "200000", backend=backend
+    )
     yield url
     stop(proc)
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so a clean stop reads -SIGTERM.
+    assert proc.returncode in (0, -signal.SIGTERM), "".join(_lines[-30:])
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +150,25 @@ def greedy_ref(model, prompt: list[int], max_tokens: int) -> list[int]:
     return ids[len(prompt) :]
 
 
-def sampled_logprobs(model, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
+def sampled_logprobs(
+    model, prompt: list[int], completion: list[int], temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """Log-probs of the sampled tokens under `log_softmax(logits / T)`; with top_k/top_p given, over the
+    truncated and renormalised distribution instead (what vLLM reports, see vllm_backend.py)."""
     with torch.no_grad():
         logits = model(torch.tensor([prompt + completion])).logits[0].double()  # [T, V]
     logits = logits[len(prompt) - 1 : -1]  # [C, V]: the positions that predicted each completion token
     if temperature > 0:
         logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [C, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1)  # ascending, as vLLM does
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     logp = torch.log_softmax(logits, dim=-1)
     return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0]
 
@@ -139,9 +177,9 @@ PROMPTS = ["Natalia sold clips to 48 of her friends", "What is 7 + 5?", "x"]
 
 
 # ---- generation ---------------------------------------------------------------------------------------------
-def test_health_and_shapes(client):
+def test_health_and_shapes(client, backend):
     h = client.health()
-    assert h.backend == "torch" and h.ready and h.max_model_len > 0
+    assert h.backend == backend and h.ready and h.max_model_len > 0
     res = client.generate(GenerateRequest(prompts=PROMPTS, n=3, max_tokens=12, temperature=1.0, seed=1))
     assert len(res.completions) == 9
     assert [c.prompt_index for c in res.completions] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -154,7 +192,7 @@ def test_health_and_shapes(client):
     assert res.completion_tokens == sum(len(c.token_ids) for c in res.completions)
 
 
-def test_logprobs_match_full_forward(client, hf):
+def test_logprobs_match_full_forward(client, hf, backend):
     model, tok = hf
     for temperature, top_k, top_p in [(0.7, 5, 0.9), (1.0, 0, 1.0), (0.0, 0, 1.0)]:
         res = client.generate(
@@ -170,7 +208,10 @@ def test_logprobs_match_full_forward(client, hf):
         )
         for c in res.completions:
             prompt = tok(PROMPTS[c.prompt_index], add_special_tokens=False)["input_ids"]
-            ref = sampled_logprobs(model, prompt, c.token_ids, temperature)
+            # The contract's log-probs are pre-truncation; vLLM's are over the truncated distribution
+            # (a documented difference: GRPO samples with top_k=0, top_p=1, where both agree).
+            trunc = (top_k, top_p) if backend == "vllm" else (0, 1.0)
+            ref = sampled_logprobs(model, prompt, c.token_ids, temperature, *trunc)
             torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64), ref, atol=1e-4, rtol=0)
 
 
@@ -228,7 +269,11 @@ BAD = [
 def test_bad_input(server, route, body, status, field):
     r = httpx.post(server + route, json=body, timeout=30)
     assert r.status_code == status, r.text
-    assert field in r.json()["error"]
+    error = r.json()["error"]
+    if route.startswith("/v1/"):  # OpenAI's error shape
+        assert error["type"] == "invalid_request_error" and set(error) == {"message", "type", "param", "code"}
+        error = error["message"]
+    assert field in error
 
 
 def test_malformed_and_oversized(server, client):

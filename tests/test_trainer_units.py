@@ -1,5 +1,5 @@
 """Fast tests of the trainer's pure pieces: sharding, token-budget micro-batches, collation, LR schedule,
-prompt split over servers, checkpoint bookkeeping, metrics/completions logs and the browse command."""
+prompt split over servers, metrics/completions logs and the browse command."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from trainer.checkpoint import LATEST, latest_checkpoint, prune, step_dir_name
 from trainer.engine_setup import lr_lambda_factory
 from trainer.metrics_log import CompletionsLogger, MetricsLogger, read_jsonl
 from trainer.rollout_stage import split_evenly
@@ -78,23 +77,6 @@ def test_split_evenly_covers_in_order(n, parts):
     assert [i for a, b in slices for i in range(a, b)] == list(range(n))
     sizes = [b - a for a, b in slices]
     assert max(sizes) - min(sizes) <= 1 and len(slices) == min(n, parts)
-
-
-def test_latest_and_prune(tmp_path):
-    for s in (1, 2, 3, 4):
-        d = tmp_path / step_dir_name(s)
-        d.mkdir()
-        (d / "trainer_state.json").write_text(json.dumps({"step": s}))
-    (tmp_path / step_dir_name(5)).mkdir()  # incomplete: no trainer_state.json
-    assert latest_checkpoint(tmp_path) is None  # no marker yet
-    (tmp_path / LATEST).write_text(step_dir_name(4))
-    assert latest_checkpoint(tmp_path) == tmp_path / step_dir_name(4)
-    prune(tmp_path, keep_last=2)
-    assert sorted(p.name for p in tmp_path.glob("step-*")) == [
-        step_dir_name(3),
-        step_dir_name(4),
-        step_dir_name(5),
-    ]
 
 
 def test_metrics_and_completions_logs(tmp_path):

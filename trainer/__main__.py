@@ -7,7 +7,8 @@
 The rollout servers (``python -m rollout_server --model ... --port ...``) must be started first and serve
 the same model; their URLs go in ``rollout.server_urls``. Without RANK/WORLD_SIZE in the environment the
 trainer runs as one process. What a step does, and how it departs from the paper, is in trainer/loop.py.
-Exit status: 0 done, 1 the run stopped (message on stderr), 2 invalid configuration.
+Exit status: 0 done, 1 the run stopped (message on stderr), 2 invalid configuration or no usable
+checkpoint (nothing is retried or overwritten).
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from trainer.checkpoint import CheckpointError
     from trainer.loop import TrainingStopped, run_training
 
     try:
         result = run_training(cfg)
+    except CheckpointError as e:
+        print(f"error: checkpoint: {e}", file=sys.stderr)
+        return 2
     except TrainingStopped as e:
         print(f"error: training stopped: {e}", file=sys.stderr)
         return 1

@@ -64,11 +64,29 @@ class TinyModelConfig(Section):
     )
     hidden_size: int = Field(64, ge=8, le=4096, description="Hidden size of the tiny Qwen2 model.")
     num_layers: int = Field(2, ge=1, le=48, description="Number of transformer layers.")
+    num_heads: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Attention heads; hidden_size / num_heads is the head size, which vLLM's "
+        "CPU attention accepts only in {32, 64, 80, 96, 112, 128, ...} (64 / 2 = 32).",
+    )
+    num_kv_heads: int = Field(
+        1, ge=1, le=64, description="Key/value heads (grouped-query attention); divides num_heads."
+    )
     seed: int = Field(0, ge=0, description="Seed of the tiny model's random weights.")
     gsm8k_dir: str | None = Field(
         None,
         description="Folder with GSM8K train.jsonl to train the tokenizer on; None uses arithmetic text.",
     )
+
+    @model_validator(mode="after")
+    def _heads(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads: {self.num_heads} does not divide hidden_size {self.hidden_size}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads: {self.num_kv_heads} does not divide num_heads {self.num_heads}")
+        return self
 
 
 class ModelConfig(Section):
@@ -529,8 +547,19 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     """Load a YAML file (or defaults when ``path`` is None), apply ``a.b=c`` overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            where = ""
+            mark = getattr(e, "problem_mark", None)
+            if mark is not None:
+                where = f" at line {mark.line + 1}, column {mark.column + 1}"
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         raw = loaded or {}

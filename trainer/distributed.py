@@ -76,6 +76,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (a list of one without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_scalar(value: float, op: str = "max", device: torch.device | None = None) -> float:
     """max / min / sum of a Python number over ranks (float64 so integer counts stay exact)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -128,6 +128,7 @@ class _Runner:
         self.skipped_steps = 0
         self.reward_failures_total = 0
         self.last_checkpoint: Path | None = None
+        self.resume_from: Path | None = None  # chosen in setup (rank 0 verifies, all ranks agree)
         self.synced_version: int | None = None  # version the servers were last given
         self.rollout_q: queue.Queue = queue.Queue(maxsize=1)
         self.scored_q: queue.Queue = queue.Queue(maxsize=1)
@@ -149,6 +150,12 @@ class _Runner:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
             ckpt.clean_stale_temp(self.ckpt_root)
+        # Decide what to resume from before anything heavy is built, so a refusal costs nothing.
+        decision = self._choose_checkpoint() if self.rank == 0 else None
+        decision = broadcast_object(decision)
+        if decision["error"]:
+            raise ckpt.CheckpointError(decision["error"])
+        self.resume_from = Path(decision["path"]) if decision["path"] else None
         barrier()
         self.model_path = resolve_model_path(cfg, self.rank == 0)
         self.tokenizer = load_tokenizer(self.model_path)
@@ -285,23 +292,39 @@ class _Runner:
         self.sample_rng = random.Random(cfg.run.seed + 7)
 
     # ---- resume -------------------------------------------------------------------------------------------
-    def maybe_resume(self) -> int:
-        """Load the latest checkpoint when asked; returns the step to continue after (0 = fresh)."""
-        if not self.cfg.checkpoint.resume:
-            return 0
-        path = ckpt.latest_checkpoint(self.ckpt_root)
-        path = broadcast_object(str(path) if path else None)
+    def _choose_checkpoint(self) -> dict[str, str | None]:
+        """Rank 0: the verified checkpoint to resume from (newer damaged ones are set aside with a warning),
+        or an error: existing checkpoints are never started over, whatever ``checkpoint.resume`` says."""
+        root = self.ckpt_root
+        try:
+            if not self.cfg.checkpoint.resume:
+                ckpt.ensure_no_checkpoints(root)
+                return {"path": None, "error": None}
+            path, skipped = ckpt.select_resume_checkpoint(root)
+        except ckpt.CheckpointError as e:
+            return {"path": None, "error": str(e)}
+        for bad, why in skipped:
+            moved = ckpt.set_aside(bad, why)
+            log.warning(
+                "checkpoint %s is unusable (%s): moved to %s; resuming from an older one", bad, why, moved
+            )
         if path is None:
-            log.warning("checkpoint.resume=true but no checkpoint in %s: starting fresh", self.ckpt_root)
+            log.warning("checkpoint.resume=true but %s holds no checkpoint yet: starting at step 0", root)
+        return {"path": str(path) if path else None, "error": None}
+
+    def maybe_resume(self) -> int:
+        """Load the checkpoint chosen in setup, if any; returns the step to continue after (0 = fresh)."""
+        path = self.resume_from
+        if path is None:
             return 0
-        state = ckpt.load_checkpoint(Path(path), self.engine, self.rank)
+        state = ckpt.load_checkpoint(path, self.engine, self.rank)
         if self.rank == 0:
             self.dataset.load_state_dict(state["data"])
             self.skipped_steps = int(state.get("skipped_steps", 0))
             # Steps after the checkpoint will run again: drop their old rows so every step appears once.
             for name in ("metrics.jsonl", "completions.jsonl"):
                 _truncate_after_step(self.run_dir / name, int(state["step"]))
-        self.last_checkpoint = Path(path)
+        self.last_checkpoint = path
         log.info("resumed from %s (step %d)", path, state["step"])
         return int(state["step"])
 

@@ -151,6 +151,10 @@ def train_tokenizer(corpus: Iterator[str], vocab_size: int):
     return tok
 
 
+# Head sizes vLLM 0.32's CPU attention accepts; a tiny model meant for vLLM must use one of them.
+VLLM_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
 def build_tiny_model(
     out_dir: str | Path,
     gsm8k_dir: str | Path | None = None,
@@ -158,8 +162,8 @@ def build_tiny_model(
     vocab_size: int = 1024,
     hidden_size: int = 64,
     num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
+    num_heads: int = 2,
+    num_kv_heads: int = 1,
     intermediate_size: int = 128,
     max_position_embeddings: int = 2048,
 ) -> Path:
@@ -168,7 +172,8 @@ def build_tiny_model(
     The tokenizer is trained on ``gsm8k_dir/train.jsonl`` (questions + answers) when given, else on
     generated arithmetic text; the model's embedding has ``vocab_size`` rows (>= the tokenizer's length,
     like Qwen's padded vocab). Weights are drawn from a private RNG seeded with ``seed`` (the global torch
-    RNG is left untouched).
+    RNG is left untouched). The default 2 heads of 64/2 = 32 dimensions is a head size vLLM's CPU attention
+    accepts (it refuses 16: see VLLM_HEAD_SIZES).
     """
     import torch
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -216,7 +221,7 @@ def build_tiny_model(
 
 def ensure_tiny_model(out_dir: str | Path, options) -> Path:
     """Build the tiny model into ``out_dir`` once, atomically; ``options`` has the fields of the config's
-    ``model.tiny`` section (gsm8k_dir, seed, vocab_size, hidden_size, num_layers).
+    ``model.tiny`` section (gsm8k_dir, seed, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads).
 
     Why atomic (temporary folder, then rename): the launcher and the trainer both look for ``config.json``
     here, and a half-built folder left by a crash must never be mistaken for a model.
@@ -233,6 +238,8 @@ def ensure_tiny_model(out_dir: str | Path, options) -> Path:
         vocab_size=options.vocab_size,
         hidden_size=options.hidden_size,
         num_layers=options.num_layers,
+        num_heads=options.num_heads,
+        num_kv_heads=options.num_kv_heads,
     )
     tmp.rename(out)
     return out
@@ -246,8 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--num-layers", type=int, default=2)
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--num-kv-heads", type=int, default=2)
+    p.add_argument("--num-heads", type=int, default=2)
+    p.add_argument("--num-kv-heads", type=int, default=1)
     p.add_argument("--intermediate-size", type=int, default=128)
     p.add_argument("--max-position-embeddings", type=int, default=2048)
     a = p.parse_args(argv)
