@@ -42,6 +42,7 @@ bench-logprobs: install
 
 bench-rollout: install
 	$(PY) scripts/bench_rollout.py
+	$(PY) scripts/bench_vllm.py
 
 bench-train: install
 	$(PY) scripts/bench_train.py

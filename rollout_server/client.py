@@ -128,7 +128,7 @@ class RolloutClient:
                 h = self.health()
                 if h.ready:
                     return h
-                last = "server reports ready=false (paused)"
+                last = f"server reports ready=false ({h.error or 'paused'})"
             except (RolloutServerUnavailable, RolloutServerError) as e:
                 last = str(e)
             time.sleep(poll_s)

@@ -32,6 +32,7 @@ class Metrics:
         self._recent: deque[tuple[float, int]] = deque()  # (finish time, tokens) of the last minute
 
     def count_request(self, route: str, status: int) -> None:
+        """`route` must come from a fixed set (app.py maps unknown paths to one label): labels stay bounded."""
         with self._lock:
             key = (route, f"{status // 100}xx")
             self.requests[key] = self.requests.get(key, 0) + 1
@@ -64,7 +65,7 @@ class Metrics:
             else:
                 self.weight_sync_failures += 1
 
-    def render(self, weight_version: int) -> str:
+    def render(self, weight_version: int, backend_dead: bool = False) -> str:
         with self._lock:
             now = time.monotonic()
             recent = sum(t for ts, t in self._recent if ts >= now - 60)
@@ -98,6 +99,12 @@ class Metrics:
                 ),
                 ("rollout_queue_depth", "gauge", "Generation requests waiting or running.", self.queue_depth),
                 ("rollout_weight_version", "gauge", "Weight version now serving.", weight_version),
+                (
+                    "rollout_backend_dead",
+                    "gauge",
+                    "1 once the generation engine died (generation answers 503), else 0.",
+                    int(backend_dead),
+                ),
                 ("rollout_weight_syncs_total", "counter", "Successful weight updates.", self.weight_syncs),
                 (
                     "rollout_weight_sync_failures_total",

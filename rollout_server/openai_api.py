@@ -12,14 +12,30 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rollout_server import protocol as P
+from rollout_server.app import (
+    GENERATION_AUTH,
+    HTTPError,
+    ServerState,
+    State,
+    error_body,
+    json_body,
+    off_loop,
+    prepare_prompts,
+    refuse_if_unavailable,
+    run_generation,
+    validation_message,
+)
 from rollout_server.backend import BadRequest
+
+MAX_MESSAGES = 1024
+MAX_STOP_CHARS = 256
 
 
 class _OAIBase(BaseModel):
@@ -39,6 +55,17 @@ class _OAIBase(BaseModel):
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Only 0 is supported.")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Only 0 is supported.")
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Only empty is supported.")
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > P.MAX_STOP or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(
+                f"at most {P.MAX_STOP} stop strings of 1..{MAX_STOP_CHARS} characters each "
+                f"(got {len(stops)}, longest {max((len(s) for s in stops), default=0)})"
+            )
+        return v
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -68,7 +95,9 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(_OAIBase):
-    messages: list[ChatMessage] = Field(..., min_length=1, max_length=1024, description="The conversation.")
+    messages: list[ChatMessage] = Field(
+        ..., min_length=1, max_length=MAX_MESSAGES, description="The conversation."
+    )
     logprobs: bool = Field(False, description="Return sampled-token log-probs.")
     top_logprobs: int | None = Field(None, ge=0, le=0, description="Only 0 is supported.")
     max_completion_tokens: int | None = Field(
@@ -90,8 +119,8 @@ def _native(req: _OAIBase, prompts=None, token_ids=None, default_max: int = 16) 
             seed=req.seed,
             stop=req.stops(),
         )
-    except ValueError as e:
-        raise BadRequest(str(e).replace("\n", " "), status=422) from e
+    except ValidationError as e:
+        raise HTTPError(validation_message(e), status=422, code="invalid_value") from None
 
 
 def _usage(res: P.GenerateResponse) -> dict:
@@ -102,152 +131,181 @@ def _usage(res: P.GenerateResponse) -> dict:
     }
 
 
-def register_openai_routes(app: FastAPI, state) -> None:
-    from rollout_server.app import check_token, run_generation, tokenize_prompts
+def model_name(state: ServerState) -> str:
+    return state.backend.info.model
 
-    def model_name() -> str:
-        return state.backend.info.model
 
-    @app.get(P.ROUTE_OAI_MODELS)
-    async def models():
-        return {
-            "object": "list",
-            "data": [{"id": model_name(), "object": "model", "created": 0, "owned_by": "rollout_server"}],
+router = APIRouter()
+
+
+@router.get(P.ROUTE_OAI_MODELS, dependencies=[GENERATION_AUTH])
+async def models(state: State):
+    return {
+        "object": "list",
+        "data": [{"id": model_name(state), "object": "model", "created": 0, "owned_by": "rollout_server"}],
+    }
+
+
+@router.post(P.ROUTE_OAI_COMPLETIONS, dependencies=[GENERATION_AUTH])
+async def completions(state: State, req: Annotated[CompletionRequest, json_body(CompletionRequest)]):
+    if req.stream:
+        raise HTTPError("stream: only supported on /v1/chat/completions", status=422, param="stream")
+    p = req.prompt
+    if isinstance(p, str):
+        native = _native(req, prompts=[p])
+    elif p and all(isinstance(x, str) for x in p):
+        native = _native(req, prompts=list(p))
+    elif p and all(isinstance(x, int) for x in p):
+        native = _native(req, token_ids=[list(p)])
+    else:
+        native = _native(req, token_ids=[list(x) for x in p])
+    ids = await prepare_prompts(state, native, field="prompt")
+    res = await run_generation(state, native, ids)
+    tok = state.backend.tokenizer
+    choices = []
+    for i, c in enumerate(res.completions):
+        choice = {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+        if req.logprobs is not None:
+            choice["logprobs"] = {
+                "tokens": tok.convert_ids_to_tokens(c.token_ids),
+                "token_logprobs": c.logprobs,
+                "top_logprobs": None,
+                "text_offset": None,
+            }
+        choices.append(choice)
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model_name(state),
+        "choices": choices,
+        "usage": _usage(res),
+        "weight_version": res.weight_version,
+    }
+
+
+def check_chat_size(state: ServerState, req: ChatRequest) -> None:
+    """The conversation becomes ONE prompt: all its characters together are bounded like one prompt."""
+    total = sum(len(m.content) + len(m.name or "") for m in req.messages)
+    if total > state.max_prompt_chars:
+        raise HTTPError(
+            f"messages: {total} characters in total exceed the limit of {state.max_prompt_chars} per "
+            f"conversation ({state.limit_text()})",
+            code="prompt_too_long",
+            param="messages",
+        )
+
+
+def chat_prompt_ids(state: ServerState, req: ChatRequest) -> list[int]:
+    """The chat template applied and tokenised (blocking: runs on the tokenize pool)."""
+    tok = state.backend.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise HTTPError(
+            "messages: this model's tokenizer has no chat template; use /v1/completions", param="messages"
+        )
+    msgs = [{"role": m.role, "content": m.content} for m in req.messages]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+@router.post(P.ROUTE_OAI_CHAT, dependencies=[GENERATION_AUTH])
+async def chat(state: State, req: Annotated[ChatRequest, json_body(ChatRequest)]):
+    # the sampling settings are checked (a bad one refused) before any template or tokenizer work
+    _native(req, token_ids=[[0]], default_max=256)
+    refuse_if_unavailable(state)
+    check_chat_size(state, req)
+    prompt = await off_loop(state, chat_prompt_ids, state, req)
+    native = _native(req, token_ids=[prompt], default_max=256)
+    ids = await prepare_prompts(state, native)  # context, budget and vocabulary: a bad request is a 4xx here
+    if req.stream:
+        return StreamingResponse(_stream_chat(state, native, ids), media_type="text/event-stream")
+    res = await run_generation(state, native, ids)
+    tok = state.backend.tokenizer
+    choices = []
+    for i, c in enumerate(res.completions):
+        choice = {
+            "index": i,
+            "message": {"role": "assistant", "content": c.text},
+            "finish_reason": c.finish_reason,
+            "logprobs": None,
         }
+        if req.logprobs:
+            toks = tok.convert_ids_to_tokens(c.token_ids)
+            choice["logprobs"] = {
+                "content": [
+                    {"token": t, "logprob": lp, "bytes": None, "top_logprobs": []}
+                    for t, lp in zip(toks, c.logprobs, strict=True)
+                ]
+            }
+        choices.append(choice)
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model_name(state),
+        "choices": choices,
+        "usage": _usage(res),
+        "weight_version": res.weight_version,
+    }
 
-    @app.post(P.ROUTE_OAI_COMPLETIONS)
-    async def completions(req: CompletionRequest, request: Request):
-        check_token(state, request, admin=False)
-        if req.stream:
-            raise BadRequest("stream: only supported on /v1/chat/completions", status=422)
-        p = req.prompt
-        if isinstance(p, str):
-            native = _native(req, prompts=[p])
-        elif p and all(isinstance(x, str) for x in p):
-            native = _native(req, prompts=list(p))
-        elif p and all(isinstance(x, int) for x in p):
-            native = _native(req, token_ids=[list(p)])
+
+async def _stream_chat(state: ServerState, native: P.GenerateRequest, ids: list[list[int]]):
+    """Tokens arrive from the generation thread through a queue; text deltas leave as SSE chunks."""
+    from rollout_server.torch_backend import cut_at_stop
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    tok = state.backend.tokenizer
+    stops = native.stop
+    hold = max((len(s) for s in stops), default=1) - 1  # chars held back: they may start a stop string
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def on_token(row: int, token: int, finished: bool) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (row, token, finished))
+
+    def chunk(index: int, delta: dict, finish: str | None) -> str:
+        body = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model_name(state),
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
+        }
+        return f"data: {json.dumps(body)}\n\n"
+
+    task = asyncio.create_task(run_generation(state, native, ids, on_token=on_token))
+    task.add_done_callback(lambda _t: loop.call_soon_threadsafe(queue.put_nowait, None))
+    rows: dict[int, list[int]] = {}
+    sent: dict[int, int] = {}
+    for i in range(native.n):
+        yield chunk(i, {"role": "assistant", "content": ""}, None)
+    while True:
+        item = await queue.get()
+        if item is None:
+            break
+        row, token, finished = item
+        rows.setdefault(row, []).append(token)
+        text = cut_at_stop(tok.decode(rows[row], skip_special_tokens=True), stops)
+        upto = len(text) if finished else max(0, len(text) - hold)
+        if not finished and text.endswith("\ufffd"):
+            upto = min(upto, len(text) - 1)  # an incomplete UTF-8 character: wait for its next byte
+        if upto > sent.get(row, 0):
+            yield chunk(row, {"content": text[sent.get(row, 0) : upto]}, None)
+            sent[row] = upto
+    try:
+        res = task.result()
+    except Exception as e:  # the status line is sent already: the error travels as one OpenAI-shaped event
+        if isinstance(e, BadRequest):
+            status, code = e.status, getattr(e, "code", None)
         else:
-            native = _native(req, token_ids=[list(x) for x in p])
-        res = await run_generation(state, native)
-        tok = state.backend.tokenizer
-        choices = []
-        for i, c in enumerate(res.completions):
-            choice = {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
-            if req.logprobs is not None:
-                choice["logprobs"] = {
-                    "tokens": tok.convert_ids_to_tokens(c.token_ids),
-                    "token_logprobs": c.logprobs,
-                    "top_logprobs": None,
-                    "text_offset": None,
-                }
-            choices.append(choice)
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model_name(),
-            "choices": choices,
-            "usage": _usage(res),
-            "weight_version": res.weight_version,
-        }
-
-    def chat_prompt_ids(req: ChatRequest) -> list[int]:
-        tok = state.backend.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise BadRequest("messages: this model's tokenizer has no chat template; use /v1/completions")
-        msgs = [{"role": m.role, "content": m.content} for m in req.messages]
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-
-    @app.post(P.ROUTE_OAI_CHAT)
-    async def chat(req: ChatRequest, request: Request):
-        check_token(state, request, admin=False)
-        native = _native(req, token_ids=[chat_prompt_ids(req)], default_max=256)
-        if req.stream:
-            tokenize_prompts(state, native)  # refuse a bad request with a 4xx before the stream starts
-            return StreamingResponse(_stream_chat(req, native), media_type="text/event-stream")
-        res = await run_generation(state, native)
-        tok = state.backend.tokenizer
-        choices = []
-        for i, c in enumerate(res.completions):
-            choice = {
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "finish_reason": c.finish_reason,
-                "logprobs": None,
-            }
-            if req.logprobs:
-                toks = tok.convert_ids_to_tokens(c.token_ids)
-                choice["logprobs"] = {
-                    "content": [
-                        {"token": t, "logprob": lp, "bytes": None, "top_logprobs": []}
-                        for t, lp in zip(toks, c.logprobs, strict=True)
-                    ]
-                }
-            choices.append(choice)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model_name(),
-            "choices": choices,
-            "usage": _usage(res),
-            "weight_version": res.weight_version,
-        }
-
-    async def _stream_chat(req: ChatRequest, native: P.GenerateRequest):
-        """Tokens arrive from the generation thread through a queue; text deltas leave as SSE chunks."""
-        from rollout_server.torch_backend import cut_at_stop
-
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        tok = state.backend.tokenizer
-        stops = native.stop
-        hold = max((len(s) for s in stops), default=1) - 1  # chars held back: they may start a stop string
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def on_token(row: int, token: int, finished: bool) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (row, token, finished))
-
-        def chunk(index: int, delta: dict, finish: str | None) -> str:
-            body = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model_name(),
-                "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
-            }
-            return f"data: {json.dumps(body)}\n\n"
-
-        task = asyncio.create_task(run_generation(state, native, on_token=on_token))
-        task.add_done_callback(lambda _t: loop.call_soon_threadsafe(queue.put_nowait, None))
-        ids: dict[int, list[int]] = {}
-        sent: dict[int, int] = {}
-        for i in range(native.n):
-            yield chunk(i, {"role": "assistant", "content": ""}, None)
-        while True:
-            item = await queue.get()
-            if item is None:
-                break
-            row, token, finished = item
-            ids.setdefault(row, []).append(token)
-            text = cut_at_stop(tok.decode(ids[row], skip_special_tokens=True), stops)
-            upto = len(text) if finished else max(0, len(text) - hold)
-            if not finished and text.endswith("\ufffd"):
-                upto = min(upto, len(text) - 1)  # an incomplete UTF-8 character: wait for its next byte
-            if upto > sent.get(row, 0):
-                yield chunk(row, {"content": text[sent.get(row, 0) : upto]}, None)
-                sent[row] = upto
-        try:
-            res = task.result()
-        except BadRequest as e:
-            yield f"data: {json.dumps({'error': str(e)})}\n\n"
-            yield "data: [DONE]\n\n"
-            return
-        for c in res.completions:
-            rest = c.text[sent.get(c.sample_index, 0) :]
-            if rest:
-                yield chunk(c.sample_index, {"content": rest}, None)
-            yield chunk(c.sample_index, {}, c.finish_reason)
+            status, code = 500, None
+            e = f"internal error: {type(e).__name__}: {e}"
+        yield f"data: {json.dumps(error_body(P.ROUTE_OAI_CHAT, status, str(e), code))}\n\n"
         yield "data: [DONE]\n\n"
+        return
+    for c in res.completions:
+        rest = c.text[sent.get(c.sample_index, 0) :]
+        if rest:
+            yield chunk(c.sample_index, {"content": rest}, None)
+        yield chunk(c.sample_index, {}, c.finish_reason)
+    yield "data: [DONE]\n\n"

@@ -189,10 +189,32 @@ class HealthResponse(BaseModel):
     weight_transfer_bucket_bytes: int | None = Field(
         None, description="bucket_bytes every update must use (vLLM fixes it at startup); None = any."
     )
+    error: str | None = Field(
+        None,
+        description="Why the backend cannot generate (e.g. its engine process died); None while healthy.",
+    )
 
 
 class ErrorResponse(BaseModel):
+    """Error body of the native routes (every 4xx/5xx, 404/405/413/422 included)."""
+
     error: str = Field(..., description="What was wrong, naming the field or tensor.")
+    code: str | None = Field(
+        None, description="Machine-readable reason when there is one: engine_dead, paused, prompt_too_long, ..."
+    )
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str = Field(..., description="What was wrong, naming the field.")
+    type: str = Field(..., description="invalid_request_error, authentication_error, ..., server_error.")
+    param: str | None = Field(None, description="The offending request field, when one is to blame.")
+    code: str | None = Field(None, description="Machine-readable reason, e.g. 'engine_dead'.")
+
+
+class OpenAIErrorResponse(BaseModel):
+    """Error body of the /v1/* routes: OpenAI's shape, so the `openai` SDK shows the message."""
+
+    error: OpenAIErrorDetail
 
 
 # ---- weight sync --------------------------------------------------------------------------------------------

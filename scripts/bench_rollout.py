@@ -139,7 +139,9 @@ for _ in range(reps):
 """
 
 
-def start_server(model_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model_dir: Path, backend: str = "torch", timeout_s: float = 400
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [
@@ -149,7 +151,7 @@ def start_server(model_dir: Path) -> tuple[subprocess.Popen, str]:
         "--model",
         str(model_dir),
         "--backend",
-        "torch",
+        backend,
         "--port",
         str(port),
         "--log-level",
@@ -162,9 +164,9 @@ def start_server(model_dir: Path) -> tuple[subprocess.Popen, str]:
     threading.Thread(
         target=lambda: [ready.set() for ln in proc.stdout if ln.startswith("READY")], daemon=True
     ).start()
-    if not ready.wait(180):
+    if not ready.wait(timeout_s):
         proc.kill()
-        raise RuntimeError("rollout server did not start")
+        raise RuntimeError(f"{backend} rollout server did not start")
     return proc, f"http://127.0.0.1:{port}"
 
 

@@ -161,3 +161,30 @@ def test_api_token_comes_from_the_environment_and_never_reaches_disk(monkeypatch
     assert explicit.rollout.api_token == "given"
     monkeypatch.delenv("ROLLOUT_API_TOKEN")
     assert load_config("configs/cpu-tiny-test.yaml").rollout.api_token is None
+
+
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=180
+    )
+
+
+@pytest.mark.parametrize("module", ["trainer", "launch"])
+def test_bad_configuration_exits_2_naming_the_field_or_line(module, tmp_path):
+    """Malformed YAML, an invalid value and a model folder that does not exist: exit 2, one line that says
+    what to fix, no traceback (the launcher used to raise ConfigError / yaml.ParserError uncaught)."""
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("run:\n  name: x\n optim: [\n")
+    r = _cli(module, "--config", str(bad_yaml))
+    assert r.returncode == 2, r.stderr
+    assert "not valid YAML at line" in r.stderr and "Traceback" not in r.stderr
+
+    r = _cli(module, "--config", "configs/cpu-tiny-test.yaml", "optim.lr=-1")
+    assert r.returncode == 2 and "optim.lr" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+    missing = tmp_path / "no-such-model"
+    r = _cli(module, "--config", "configs/cpu-tiny-test.yaml", f"model.name_or_path={missing}")
+    assert r.returncode == 2 and "model.name_or_path" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+    r = _cli(module, "--config", str(tmp_path / "absent.yaml"))
+    assert r.returncode == 2 and "absent.yaml" in r.stderr and "Traceback" not in r.stderr, r.stderr

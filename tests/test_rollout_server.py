@@ -83,7 +83,7 @@ def start_server(model_dir: Path, *extra: str, timeout_s: float | None = None, b
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=90)  # vLLM stops its EngineCore and Worker first (~5 s alone, more when busy)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)

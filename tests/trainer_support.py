@@ -60,8 +60,16 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def rollout_server(model_dir: Path, log_path: Path, ready_timeout_s: float = 120.0, port: int | None = None):
-    """``python -m rollout_server --backend torch`` on ``port`` (default: a free one); yields (url, process)."""
+def rollout_server(
+    model_dir: Path,
+    log_path: Path,
+    ready_timeout_s: float | None = None,
+    port: int | None = None,
+    backend: str = "torch",
+):
+    """``python -m rollout_server --backend B`` on ``port`` (default: a free one); yields (url, process)."""
+    if ready_timeout_s is None:
+        ready_timeout_s = 120.0 if backend == "torch" else 300.0  # vLLM CPU: ~40 s alone, more when busy
     port = port or free_port()
     log = open(log_path, "w")
     proc = subprocess.Popen(
@@ -72,7 +80,7 @@ def rollout_server(model_dir: Path, log_path: Path, ready_timeout_s: float = 120
             "--model",
             str(model_dir),
             "--backend",
-            "torch",
+            backend,
             "--port",
             str(port),
         ],

@@ -24,10 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides (values parsed as YAML)")
     a = p.parse_args(argv)
 
-    from trainer.config import ConfigError, load_config
+    from trainer.config import ConfigError, check_model_reference, load_config
 
     try:
         cfg = load_config(a.config, a.overrides)
+        check_model_reference(cfg)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run_training(cfg)
     except CheckpointError as e:
         print(f"error: checkpoint: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:  # found while setting up (e.g. the model cannot be loaded)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
         print(f"error: training stopped: {e}", file=sys.stderr)

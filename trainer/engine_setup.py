@@ -23,17 +23,28 @@ from trainer.update_stage import LogprobPolicy
 
 
 def resolve_model_path(cfg: TrainConfig, is_main: bool) -> str:
-    """``"tiny"`` builds the offline tiny model under RUN_DIR/tiny-model (rank 0; others wait on a barrier)."""
-    if cfg.model.name_or_path != "tiny":
-        return cfg.model.name_or_path
-    from trainer.distributed import barrier
-    from trainer.tiny_model import ensure_tiny_model
+    """``"tiny"`` builds the offline tiny model under RUN_DIR/tiny-model; a ``pypi:`` source is converted once
+    into its cache folder (trainer/model_source.py). Rank 0 builds while the others wait on a barrier; then
+    the others resolve too, which finds the cache valid (or, on a node without that cache, converts it under
+    the cache's lock). Hub ids and local folders are returned unchanged."""
+    from trainer.model_source import is_model_source, resolve_model_source
 
-    out = cfg.run_dir / "tiny-model"
-    if is_main:
-        ensure_tiny_model(out, cfg.model.tiny)
+    name = cfg.model.name_or_path
+    if name != "tiny" and not is_model_source(name):
+        return name
+    from trainer.distributed import barrier
+
+    if name == "tiny":
+        from trainer.tiny_model import ensure_tiny_model
+
+        out = cfg.run_dir / "tiny-model"
+        if is_main:
+            ensure_tiny_model(out, cfg.model.tiny)
+        barrier()
+        return str(out)
+    path = resolve_model_source(name) if is_main else None
     barrier()
-    return str(out)
+    return path if path is not None else resolve_model_source(name)
 
 
 def use_bf16(cfg: TrainConfig) -> bool:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer.config import TrainConfig, config_to_yaml, load_config, validate_config
+from trainer.config import ConfigError, TrainConfig, config_to_yaml, load_config, validate_config
 from trainer.distributed import DistInfo, barrier, broadcast_object, free_port, init_distributed
 from trainer.update_stage import TrainBatch, UpdateResult
 
@@ -158,7 +158,10 @@ class _Runner:
         self.resume_from = Path(decision["path"]) if decision["path"] else None
         barrier()
         self.model_path = resolve_model_path(cfg, self.rank == 0)
-        self.tokenizer = load_tokenizer(self.model_path)
+        try:
+            self.tokenizer = load_tokenizer(self.model_path)
+        except OSError as e:  # a hub id that does not exist or is not cached offline, a broken folder
+            raise ConfigError(f"model.name_or_path: cannot load {self.model_path!r}: {e}") from None
 
         num_prompts = self._setup_data() if self.rank == 0 else None
         num_prompts = broadcast_object(num_prompts)

@@ -109,7 +109,7 @@ async function streamAnswer(col, question) {
           if (data === "[DONE]") { done = true; break; }
           let obj;
           try { obj = JSON.parse(data); } catch (e) { continue; }
-          if (obj.error) { error = typeof obj.error === "string" ? obj.error : JSON.stringify(obj.error); done = true; break; }
+          if (obj.error) { error = typeof obj.error === "string" ? obj.error : (obj.error.message || JSON.stringify(obj.error)); done = true; break; }
           const choice = (obj.choices || [])[0] || {};
           const delta = (choice.delta && choice.delta.content) || choice.text || "";
           text += delta;
