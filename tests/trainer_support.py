@@ -66,8 +66,10 @@ def rollout_server(
     ready_timeout_s: float | None = None,
     port: int | None = None,
     backend: str = "torch",
+    extra_args: tuple[str, ...] = (),
 ):
-    """``python -m rollout_server --backend B`` on ``port`` (default: a free one); yields (url, process)."""
+    """``python -m rollout_server --backend B [extra_args]`` on ``port`` (default: a free one); yields (url,
+    process)."""
     if ready_timeout_s is None:
         ready_timeout_s = 120.0 if backend == "torch" else 300.0  # vLLM CPU: ~40 s alone, more when busy
     port = port or free_port()
@@ -83,6 +85,7 @@ def rollout_server(
             backend,
             "--port",
             str(port),
+            *extra_args,
         ],
         cwd=REPO,
         env=child_env(),

@@ -445,6 +445,11 @@ def main(argv: list[str] | None = None) -> int:
         batch_prompts=a.batch_prompts,
         seed=a.seed,
     )
+    from trainer.model_source import resolve_model_source  # pypi:... sources become converted folders
+
+    a.model = resolve_model_source(a.model)
+    if a.compare:
+        a.compare = resolve_model_source(a.compare)
     jobs = [(a.model, a.server_url)] + ([(a.compare, a.compare_server_url)] if a.compare else [])
     results: dict[str, dict[str, float]] = {}
     out = open(a.output, "w") if a.output else None  # noqa: SIM115

@@ -361,11 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.config import load_config
 
     cfg = load_config(a.config, a.overrides)
-    model = cfg.model.name_or_path
-    if model == "tiny":
-        from launch.serve import ensure_model
+    from trainer.engine_setup import resolve_model_path
 
-        model = ensure_model(cfg)
+    model = resolve_model_path(cfg, True)  # "tiny" is built, pypi:... sources are converted (once, cached)
     out = run_warm_start(cfg, model, out_dir=a.out)
     print(out)
     return 0
