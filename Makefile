@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export RAY_AUTH_MODE ?= disabled
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: install test test-fast test-slow lint format launch bench bench-logprobs bench-rollout bench-train eval sft ui clean
+.PHONY: install test test-fast test-slow test-faults lint format launch bench bench-logprobs bench-rollout bench-train bench-load eval sft ui clean
 
 .venv/.installed: pyproject.toml constraints.txt scripts/setup_env.sh
 	bash scripts/setup_env.sh
@@ -23,6 +23,10 @@ test-fast: install
 
 test-slow: install
 	$(PY) -m pytest -q -ra -m slow
+
+# The reliability suite: every injected-fault test, then a table of scenario, expected, observed, result.
+test-faults: install
+	$(PY) -m pytest -q -ra -m faults -p no:cacheprovider
 
 lint: install
 	$(PY) -m ruff check .
@@ -46,6 +50,10 @@ bench-rollout: install
 
 bench-train: install
 	$(PY) scripts/bench_train.py
+
+# N concurrent OpenAI-SDK clients against a real rollout server for a fixed time (ARGS="--backend vllm").
+bench-load: install
+	$(PY) scripts/bench_load.py $(ARGS)
 
 eval: install
 	$(PY) -m trainer.eval --model $(MODEL) $(ARGS)

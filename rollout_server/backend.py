@@ -89,6 +89,10 @@ class Backend(ABC):
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release resources at exit (engine processes included); idempotent."""
 
+    def check_request(self, req: GenerateRequest) -> None:  # noqa: B027 - optional hook
+        """Raise BadRequest (naming the field) for a request this backend cannot honour, before any work;
+        e.g. the torch backend refuses sampling penalties that vLLM supports."""
+
     def dead_reason(self) -> str | None:
         """Why the backend can no longer generate (e.g. vLLM's engine process died), or None while it can.
         Once set it stays set: /health answers ready=false with it and generation routes answer 503."""

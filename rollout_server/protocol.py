@@ -47,6 +47,7 @@ MAX_PROMPTS = 4096
 MAX_N = 256
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP = 16
+MAX_TOP_LOGPROBS = 20  # vLLM's default max_logprobs
 MAX_TENSORS = 1 << 20
 
 DTYPE_ITEMSIZE: dict[str, int] = {
@@ -124,6 +125,37 @@ class GenerateRequest(SamplingParams):
     prompt_token_ids: list[list[int]] | None = Field(
         None, max_length=MAX_PROMPTS, description="Token-id prompts; give this or `prompts`, not both."
     )
+    # Optional extras (OpenAI routes, evaluation). Left out of the serialised request at their neutral value,
+    # so the trainer's /generate body is the same as before they existed.
+    top_logprobs: int = Field(
+        0,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        exclude_if=lambda v: v == 0,
+        description="Also return the k most likely tokens and their log-probs at every position (0: none).",
+    )
+    presence_penalty: float = Field(
+        0.0,
+        ge=-2.0,
+        le=2.0,
+        exclude_if=lambda v: v == 0.0,
+        description="OpenAI's presence penalty (vLLM backend only; 0 disables). Log-probs are then of the "
+        "penalised distribution.",
+    )
+    frequency_penalty: float = Field(
+        0.0,
+        ge=-2.0,
+        le=2.0,
+        exclude_if=lambda v: v == 0.0,
+        description="OpenAI's frequency penalty (vLLM backend only; 0 disables).",
+    )
+    repetition_penalty: float = Field(
+        1.0,
+        gt=0.0,
+        le=1e6,
+        exclude_if=lambda v: v == 1.0,
+        description="vLLM's (HF-style) repetition penalty (vLLM backend only; 1 disables).",
+    )
 
     @model_validator(mode="after")
     def _one_prompt_kind(self) -> GenerateRequest:
@@ -161,6 +193,12 @@ class Completion(BaseModel):
     )
     finish_reason: FinishReason = Field(..., description="'stop' (EOS or stop string) or 'length'.")
     weight_version: int = Field(..., description="Weight version that produced this completion.")
+    top_logprobs: list[list[tuple[int, float]]] | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="Only with `top_logprobs` > 0: per position, the k most likely (token id, log-prob) "
+        "pairs, most likely first (impossible tokens read -9999.0); absent otherwise.",
+    )
 
 
 class GenerateResponse(BaseModel):
@@ -200,7 +238,8 @@ class ErrorResponse(BaseModel):
 
     error: str = Field(..., description="What was wrong, naming the field or tensor.")
     code: str | None = Field(
-        None, description="Machine-readable reason when there is one: engine_dead, paused, prompt_too_long, ..."
+        None,
+        description="Machine-readable reason when there is one: engine_dead, paused, prompt_too_long, ...",
     )
 
 

@@ -58,6 +58,24 @@ def manifest_problems(manifest: WeightManifest, params: dict[str, torch.Tensor],
     return problems
 
 
+# Sampling settings only the vLLM backend implements, with their neutral value (the torch backend refuses others).
+VLLM_ONLY = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+
+
+def unsupported(req: GenerateRequest) -> BadRequest | None:
+    """The refusal of a setting this backend cannot honour (a 400 naming it), or None."""
+    for name, neutral in VLLM_ONLY.items():
+        value = getattr(req, name)
+        if value != neutral:
+            e = BadRequest(
+                f"{name}: not supported by the torch backend (got {value}; only {neutral} is); "
+                "use --backend vllm"
+            )
+            e.param, e.code = name, "unsupported_parameter"  # read by the HTTP layer (OpenAI's error shape)
+            return e
+    return None
+
+
 def cut_at_stop(text: str, stops: list[str]) -> str:
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return text[: min(hits)] if hits else text
@@ -107,7 +125,14 @@ class TorchBackend(Backend):
         return self._tok
 
     # ---- generation ---------------------------------------------------------------------------------------
+    def check_request(self, req: GenerateRequest) -> None:
+        """Refuse (BadRequest, 400) what this backend cannot do, before any work; the routes call it early."""
+        error = unsupported(req)
+        if error is not None:
+            raise error
+
     def generate(self, req: GenerateRequest, prompt_ids: list[list[int]], on_token=None) -> list[Completion]:
+        self.check_request(req)
         seed = (
             req.seed if req.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
         )
@@ -128,6 +153,7 @@ class TorchBackend(Backend):
                 stop=StopChecker(self._tok, req.stop),
                 ignore_eos=req.ignore_eos,
                 on_token=on_token,
+                top_logprobs=req.top_logprobs,
             )
         out = []
         for i, row in enumerate(rows):
@@ -143,6 +169,7 @@ class TorchBackend(Backend):
                     logprobs=row.logprobs,
                     finish_reason=row.finish_reason,
                     weight_version=version,
+                    top_logprobs=row.top_logprobs,
                 )
             )
         return out

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rollout_server.sampling import sample_next
+from rollout_server.sampling import sample_next, sample_next_top
 from rollout_server.torch_decoders import make_decoder
 
 
@@ -26,6 +26,7 @@ class RowResult:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str = "length"
     stop_hit: str | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per position, with top_logprobs > 0
 
 
 class StopChecker:
@@ -74,18 +75,33 @@ def generate_batch(
     ignore_eos: bool = False,
     on_token: Callable[[int, int, bool], None] | None = None,
     decoder=None,
+    top_logprobs: int = 0,
 ) -> list[RowResult]:
-    """Returns len(prompts) * n RowResults, prompt-major. `on_token(row, token, finished)` streams tokens."""
+    """Returns len(prompts) * n RowResults, prompt-major. `on_token(row, token, finished)` streams tokens.
+
+    `top_logprobs` = k > 0 also records, per position, the k most likely (token id, log-prob) pairs of the
+    same distribution the sampled token's log-prob comes from (only then: the default path does no top-k)."""
     device = next(model.parameters()).device
     decoder = decoder or make_decoder(model)
     ids, mask = left_pad(prompts, pad_id, device)  # [P, T], [P, T]
     logits = decoder.prefill(ids, mask, n, max_tokens)  # [B, V]
     rows = [RowResult() for _ in range(len(prompts) * n)]
+    if top_logprobs:
+        for row in rows:
+            row.top_logprobs = []
     alive = list(range(len(rows)))  # original row of each batch row
     finished = [False] * len(rows)  # by batch row: done but not yet dropped from the batch
     eos = torch.tensor(sorted(eos_ids) if not ignore_eos else [], dtype=torch.long, device=device)  # [E]
     for step in range(max_tokens):
-        tokens, lps = sample_next(logits, temperature, top_k, top_p, generator)  # [b], [b]
+        if top_logprobs:
+            tokens, lps, top_ids, top_lps = sample_next_top(
+                logits, temperature, top_k, top_p, generator, top_logprobs
+            )  # [b], [b], [b, k], [b, k]
+            top_l = [
+                list(zip(i, v, strict=True)) for i, v in zip(top_ids.tolist(), top_lps.tolist(), strict=True)
+            ]
+        else:
+            tokens, lps = sample_next(logits, temperature, top_k, top_p, generator)  # [b], [b]
         is_eos = torch.isin(tokens, eos).tolist() if len(eos) else [False] * len(alive)
         tok_l, lp_l = tokens.tolist(), lps.tolist()
         last = step == max_tokens - 1
@@ -95,6 +111,8 @@ def generate_batch(
             row = rows[r]
             row.token_ids.append(tok_l[j])
             row.logprobs.append(lp_l[j])
+            if top_logprobs:
+                row.top_logprobs.append(top_l[j])
             if is_eos[j]:
                 row.finish_reason, finished[j] = "stop", True
             elif stop.stops and (s := stop.hit(row.token_ids)) is not None:

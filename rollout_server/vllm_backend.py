@@ -4,7 +4,7 @@ Thin on purpose (vLLM breaks between versions): the translation of our requests 
 pure functions below (testable without vLLM); `vllm` is imported only inside `VLLMBackend`.
 
 Choices, and why:
-  * `logprobs_mode="processed_logprobs"` with `SamplingParams(logprobs=0)`: vLLM returns the log-prob of the
+  * `logprobs_mode="processed_logprobs"` with `SamplingParams(logprobs=k)` (k = the request's top_logprobs, default 0): vLLM returns the log-prob of the
     sampled token after temperature scaling. vLLM's "processed" values are taken after top-k/top-p too, so
     they equal our convention (log_softmax(logits / T), pre-truncation) exactly when top_k=0 and top_p=1,
     which is how GRPO samples; with truncation vLLM renormalises over the kept tokens (documented gap).
@@ -114,7 +114,12 @@ def sampling_kwargs(req: GenerateRequest) -> dict[str, Any]:
         "seed": req.seed,
         "stop": list(req.stop) or None,
         "ignore_eos": req.ignore_eos,
-        "logprobs": 0,  # only the sampled token's log-prob
+        # penalties pass through (neutral by default); the returned log-probs are then those of the penalised
+        # distribution (vLLM's processed_logprobs are taken after its logits processors)
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "repetition_penalty": req.repetition_penalty,
+        "logprobs": req.top_logprobs,  # 0: only the sampled token's; k: also the top k (k + 1 entries at most)
         "skip_special_tokens": True,
         "include_stop_str_in_output": False,
     }
@@ -273,11 +278,13 @@ class VLLMBackend(Backend):
                 "output_kind": kind,
             }
             sent = [0] * n_engine
-            final = None
+            # Streaming (CUMULATIVE) outputs of an n > 1 request carry only the child that advanced, so the
+            # last one is not the whole answer: keep each child's latest (cumulative) output.
+            latest: dict[int, Any] = {}
             async for out in self.engine.generate(
                 {"prompt_token_ids": ids}, SamplingParams(**kw), str(uuid.uuid4())
             ):
-                final = out
+                latest.update((c.index, c) for c in out.outputs)
                 if on_token:
                     for c in out.outputs:
                         for tok in list(c.token_ids)[sent[c.index] :]:
@@ -285,15 +292,31 @@ class VLLMBackend(Backend):
                             done = c.finished() and sent[c.index] == len(c.token_ids)
                             for k in range(copies):
                                 on_token(i * req.n + c.index * copies + k, tok, done)
-            return final
+            if len(latest) != n_engine:
+                raise RuntimeError(f"vLLM returned {len(latest)} of {n_engine} completions for prompt {i}")
+            return [latest[j] for j in range(n_engine)]
+
+        def top_alternatives(positions, length: int) -> list[list[tuple[int, float]]]:
+            """Per position vLLM gives {id: Logprob}: the top k by rank, plus the sampled token when it ranks
+            lower. -> the k most likely (id, log-prob), most likely first; -inf (a token that top-k/top-p made
+            impossible) reads -9999.0, as in OpenAI's API."""
+            out = []
+            for j in range(length):
+                step = positions[j] if positions else {}
+                ranked = sorted(step.items(), key=lambda kv: (kv[1].rank or 1 << 62, -kv[1].logprob))
+                out.append(
+                    [(int(t), max(float(lp.logprob), -9999.0)) for t, lp in ranked[: req.top_logprobs]]
+                )
+            return out
 
         outs = await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompt_ids)))
         version = self.weight_version
         comps = []
-        for i, out in enumerate(outs):
-            for c in sorted(out.outputs, key=lambda c: c.index):
+        for i, outputs in enumerate(outs):
+            for c in outputs:
                 ids = list(c.token_ids)
                 lps = [c.logprobs[j][t].logprob for j, t in enumerate(ids)] if c.logprobs else []
+                top = top_alternatives(c.logprobs, len(ids)) if req.top_logprobs else None
                 for k in range(copies):
                     comps.append(
                         Completion(
@@ -304,6 +327,7 @@ class VLLMBackend(Backend):
                             logprobs=lps,
                             finish_reason=finish_reason(c.finish_reason),
                             weight_version=version,
+                            top_logprobs=top,
                         )
                     )
         return comps

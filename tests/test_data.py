@@ -227,3 +227,27 @@ def test_sampling_rows_and_sft_pairs(gsm8k_dir, tok):
         a, op, b = question.removeprefix("What is ").removesuffix("?").split(" ")
         assert str(_evaluate({"a": int(a), "op": op, "b": int(b)})) == gold
         assert rs(None, [completion], gold=[gold]).total == [pytest.approx(4.0)]
+
+
+def test_gsm8k_solution_rewritten_into_the_format_earns_every_reward(gsm8k_dir):
+    import json
+
+    from trainer import rewards
+    from trainer.data import extract_gsm8k_gold, gsm8k_solution_text
+
+    row = json.loads((gsm8k_dir / "train.jsonl").read_text().splitlines()[0])
+    gold = extract_gsm8k_gold(row["answer"])
+    text = gsm8k_solution_text(row["answer"], gold)
+    assert "<<" not in text and "####" not in text  # calculator annotations and the gold marker are gone
+    assert text.startswith("<reasoning>\n") and text.endswith(f"<answer>\n{gold}\n</answer>\n")
+    scores = {
+        name: rewards.get_reward(name)(prompts=[None], completions=[text], gold=[gold])[0]
+        for name in rewards.REFERENCE_REWARDS
+    }
+    assert scores == {
+        "correctness": 2.0,
+        "integer": 0.5,
+        "strict_format": 0.5,
+        "soft_format": 0.5,
+        "xml_count": 0.5,
+    }

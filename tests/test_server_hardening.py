@@ -84,7 +84,8 @@ def post_raw(url: str, route: str, body: dict) -> httpx.Response:
 
 
 # ---- 1. one request must not stall the server ---------------------------------------------------------------
-def test_huge_requests_refused_before_tokenising_while_health_answers(server):
+@pytest.mark.faults
+def test_huge_requests_refused_before_tokenising_while_health_answers(server, fault_report):
     url, pid = server
     proc = psutil.Process(pid)
     baseline = proc.memory_info().rss
@@ -108,6 +109,12 @@ def test_huge_requests_refused_before_tokenising_while_health_answers(server):
     print(
         f"\nhuge requests: /health max {max(watch.health_s, default=0.0):.3f}s over {len(watch.health_s)} polls; "
         f"RSS baseline {baseline / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB, after {after / 2**20:.0f} MiB"
+    )
+    fault_report(
+        "50M-character prompt on /generate, 54M-character chat on /v1",
+        "400 naming the field before tokenising; /health < 1 s; RSS growth < 2 GiB",
+        f"{r.status_code} and {chat.status_code}; /health max {max(watch.health_s, default=0.0):.3f}s over "
+        f"{len(watch.health_s)} polls; RSS {baseline / 2**20:.0f} -> peak {peak / 2**20:.0f} MiB",
     )
     assert peak - baseline < 2 << 30  # the old code grew by ~12 GB tokenising the 50 MB prompt
 
@@ -147,8 +154,9 @@ def test_count_and_length_limits_name_the_field(url):
 
 
 # ---- 2. auth before body ------------------------------------------------------------------------------------
+@pytest.mark.faults
 @pytest.mark.parametrize("route", ADMIN_ROUTES)
-def test_admin_routes_check_the_token_before_the_body(url, route):
+def test_admin_routes_check_the_token_before_the_body(url, route, fault_report):
     r = httpx.post(url + route, json={}, timeout=30)
     assert r.status_code == 401, r.text  # not 422: the empty body is never looked at
     assert "authorization" in r.json()["error"] and r.headers["www-authenticate"] == "Bearer"
@@ -157,6 +165,12 @@ def test_admin_routes_check_the_token_before_the_body(url, route):
     if route in ("/init_weight_transfer", "/update_weights"):  # with the token, the body is validated
         r = httpx.post(url + route, json={}, headers=ADMIN, timeout=30)
         assert r.status_code == 422 and "Field required" in r.json()["error"], r.text
+    fault_report(
+        f"admin route {route} without token / wrong token, bad body",
+        "401 then 403, body never read (422 only with the token)",
+        "401 (empty body), 403 (non-JSON body)"
+        + (f", {r.status_code} with the token" if r.status_code == 422 else ""),
+    )
 
 
 def test_require_token_for_generation_covers_every_route(tiny_model_dir):
@@ -254,7 +268,8 @@ def dying(tiny_model_dir):
     return DyingBackend(str(tiny_model_dir))
 
 
-def test_dead_engine_reported_and_generation_refused(dying):
+@pytest.mark.faults
+def test_dead_engine_reported_and_generation_refused(dying, fault_report):
     from fastapi.testclient import TestClient
 
     from rollout_server.app import ServerState, build_asgi
@@ -290,6 +305,12 @@ def test_dead_engine_reported_and_generation_refused(dying):
             events = [ln[6:] for ln in s.iter_lines() if ln.startswith("data: ")]
         assert events[-1] == "[DONE]"
         error = json.loads(events[-2])["error"]
+        fault_report(
+            "engine dies (idle, then mid-request and mid-stream)",
+            "/health not ready with the cause; 503 engine_dead on every route; stream ends with an error",
+            f"/health ready=False; 503 on /generate, /v1/completions, /v1/chat/completions; stream: "
+            f"error {error['code']!r} then [DONE]",
+        )
         assert error["code"] == "engine_dead" and "1234" in error["message"]
     finally:
         dying.reason, dying.die_during_generate = None, False

@@ -51,7 +51,9 @@ TEMPERATURE = 1.0
         "torch",
         pytest.param(
             "vllm",
-            marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"),
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"
+            ),
         ),
     ],
 )

@@ -3,7 +3,6 @@ prompt split over servers, metrics/completions logs and the browse command."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest

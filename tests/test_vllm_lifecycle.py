@@ -49,8 +49,9 @@ def _names(procs: list[psutil.Process]) -> list[str]:
     return out
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGKILL"])
-def test_no_engine_process_survives_the_server(tiny_model_dir, how):
+def test_no_engine_process_survives_the_server(tiny_model_dir, how, fault_report):
     proc, url, lines = start_server(tiny_model_dir, backend="vllm")
     try:
         engine = _engine_processes(proc.pid)
@@ -60,13 +61,19 @@ def test_no_engine_process_survives_the_server(tiny_model_dir, how):
         os.kill(proc.pid, getattr(signal, how))
         proc.wait(timeout=60)
         alive = _wait_gone(engine, timeout_s=30)
+        fault_report(
+            f"{how} to a vLLM server ({len(engine)} child processes: EngineCore, Worker, ...)",
+            "server exits, no EngineCore/Worker left within 30 s",
+            f"server exit code {proc.returncode}; left running: {_names(alive) or 'none'}",
+        )
         assert alive == [], f"left running after {how}: {_names(alive)}\n" + "".join(lines[-20:])
     finally:
         if proc.poll() is None:
             proc.kill()
 
 
-def test_dead_engine_is_reported_refused_and_ends_the_server(tiny_model_dir):
+@pytest.mark.faults
+def test_dead_engine_is_reported_refused_and_ends_the_server(tiny_model_dir, fault_report):
     proc, url, lines = start_server(tiny_model_dir, backend="vllm")
     try:
         engine = _engine_processes(proc.pid)
@@ -85,6 +92,14 @@ def test_dead_engine_is_reported_refused_and_ends_the_server(tiny_model_dir):
         assert health.get("ready") is False and "engine" in (health.get("error") or ""), health
         r = httpx.post(url + "/generate", json={"prompts": ["1+1="], "max_tokens": 4}, timeout=30)
         assert r.status_code == 503 and "engine" in r.text, r.text
+        code = proc.wait(timeout=60)
+        left = _wait_gone(engine, timeout_s=30)
+        fault_report(
+            "vLLM EngineCore SIGKILLed under a serving server",
+            "/health ready=false with the cause, 503 on /generate, server exits 3, no engine left",
+            f"/health ready={health.get('ready')}, /generate {r.status_code}, exit code {code}, "
+            f"left running: {_names(left) or 'none'}",
+        )
         assert proc.wait(timeout=60) == 3  # EXIT_ENGINE_DEAD: a supervisor starts a new server
         assert _wait_gone(engine, timeout_s=30) == []
     finally:

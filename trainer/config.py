@@ -311,10 +311,11 @@ class WarmStartConfig(Section):
     the GRPO run then loads)."""
 
     enabled: bool = Field(False, description="Run the warm start before GRPO.")
-    source: Literal["sample", "completions_file", "arithmetic_solutions"] = Field(
+    source: Literal["sample", "completions_file", "arithmetic_solutions", "gsm8k_solutions"] = Field(
         "sample",
         description="Where examples come from: rejection sampling from the model through a rollout server, a "
-        "finished run's completions.jsonl, or the arithmetic task's gold worked solutions (data.source=arithmetic).",
+        "finished run's completions.jsonl, the arithmetic task's gold worked solutions (data.source=arithmetic), "
+        "or GSM8K's train-split worked solutions rewritten into the answer format.",
     )
     completions_file: str | None = Field(
         None, description="completions.jsonl to learn from (source=completions_file)."

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -226,6 +227,20 @@ def arithmetic_solution_text(problem: dict[str, Any], prompt_format: PromptForma
     return f"<{tag}>\n{body}\n</{tag}>\n<answer>\n{gold}\n</answer>\n"
 
 
+_CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations: "48/2 = <<48/2=24>>24"
+
+
+def gsm8k_solution_text(answer: str, gold: str, prompt_format: PromptFormat = "reasoning") -> str:
+    """A GSM8K worked solution ("steps... #### 72") rewritten into the answer format: the steps (calculator
+    annotations removed) as the reasoning, the gold number as the answer. Earns every reference reward."""
+    steps = answer.split("####")[0]
+    steps = "\n".join(
+        line.strip() for line in _CALCULATOR.sub("", steps).strip().splitlines() if line.strip()
+    )
+    tag = REASONING_TAGS[prompt_format]
+    return f"<{tag}>\n{steps}\n</{tag}>\n<answer>\n{gold}\n</answer>\n"
+
+
 # ---------------------------------------------------------------- loading and prompt building
 
 
@@ -290,7 +305,10 @@ def build_prompt_rows(
             continue
         messages = build_messages(question, cfg.prompt_format, cfg.system_prompt)
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        pending.append({"prompt": messages, "prompt_text": text, "question": question, "gold": str(gold)})
+        row = {"prompt": messages, "prompt_text": text, "question": question, "gold": str(gold)}
+        if isinstance(ex.get(answer_field), str):
+            row["solution"] = ex[answer_field]  # the worked solution, for the gsm8k_solutions warm start
+        pending.append(row)
     # One batched call: the chat template already contains the special tokens, so add none.
     ids = (
         tokenizer([r["prompt_text"] for r in pending], add_special_tokens=False)["input_ids"]

@@ -14,7 +14,9 @@ Where the examples come from (``warm_start.source``):
 - ``completions_file``: a finished run's completions.jsonl, rows whose correctness reward is positive and
   whose strict-format reward is positive (or, without one, that pass our format check);
 - ``arithmetic_solutions``: the synthetic arithmetic task's gold worked solutions
-  (``trainer.data.arithmetic_solution_text``), for the CPU demo where the tiny model never samples one.
+  (``trainer.data.arithmetic_solution_text``), for the CPU demo where the tiny model never samples one;
+- ``gsm8k_solutions``: GSM8K's own worked solutions from the TRAIN split, rewritten into the answer format
+  (``trainer.data.gsm8k_solution_text``: the steps are the reasoning, the number after ``####`` the answer).
 
 Training is our own short loop (no TRL SFTTrainer: one less moving part, works offline): AdamW on
 prompt + completion + EOS, the loss the mean negative log-likelihood of the completion tokens only
@@ -269,6 +271,25 @@ def arithmetic_examples(tokenizer, data_cfg, n: int, seed: int = 0) -> list[SFTE
     return dedupe_and_cap(out, max_per_prompt=1)
 
 
+def gsm8k_examples(tokenizer, data_cfg, n: int) -> list[SFTExample]:
+    """The first ``n`` usable TRAIN prompts with their worked solutions in the answer format."""
+    from trainer import data
+
+    rows = [r for r in data.load_prompts(data_cfg, tokenizer, "train").rows if r.get("solution")][:n]
+    if not rows:
+        raise ValueError(
+            f"warm_start.source=gsm8k_solutions: no worked solutions in '{data_cfg.answer_field}'"
+        )
+    out = [
+        SFTExample(
+            prompt=r["prompt_text"],
+            completion=data.gsm8k_solution_text(r["solution"], r["gold"], data_cfg.prompt_format),
+        )
+        for r in rows
+    ]
+    return dedupe_and_cap(out, max_per_prompt=1)
+
+
 def collect_examples(cfg, tokenizer, model_dir: str | None = None, client=None) -> list[SFTExample]:
     """The examples ``cfg.warm_start.source`` names (see the module docstring)."""
     from trainer import data
@@ -282,6 +303,8 @@ def collect_examples(cfg, tokenizer, model_dir: str | None = None, client=None) 
         return from_completions_file(ws.completions_file, ws.max_per_prompt, tokenizer)
     if ws.source == "arithmetic_solutions":
         return arithmetic_examples(tokenizer, cfg.data, ws.num_prompts, seed=cfg.data.seed)
+    if ws.source == "gsm8k_solutions":
+        return gsm8k_examples(tokenizer, cfg.data, ws.num_prompts)
     # source == "sample": rejection sampling from the current model through a rollout server.
     rows = data.load_prompts(cfg.data, tokenizer, "train").rows[: ws.num_prompts]
     problems = [{"prompt": r["prompt_text"], "gold": r["gold"]} for r in rows]
