@@ -40,7 +40,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rollout_server import protocol as P
-from rollout_server.app import (
+from rollout_server.backend import BadRequest
+from rollout_server.server_core import (
     GENERATION_AUTH,
     HTTPError,
     ServerState,
@@ -53,7 +54,6 @@ from rollout_server.app import (
     run_generation,
     validation_message,
 )
-from rollout_server.backend import BadRequest
 
 MAX_MESSAGES = 1024
 MAX_STOP_CHARS = 256
