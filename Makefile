@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export RAY_AUTH_MODE ?= disabled
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: install test test-fast test-slow test-faults lint format launch bench bench-logprobs bench-rollout bench-train bench-load eval sft ui clean
+.PHONY: install test test-fast test-slow test-faults lint format launch bench bench-logprobs bench-rollout bench-train bench-load bench-vs-trl eval sft ui clean
 
 .venv/.installed: pyproject.toml constraints.txt scripts/setup_env.sh
 	bash scripts/setup_env.sh
@@ -54,6 +54,10 @@ bench-train: install
 # N concurrent OpenAI-SDK clients against a real rollout server for a fixed time (ARGS="--backend vllm").
 bench-load: install
 	$(PY) scripts/bench_load.py $(ARGS)
+
+# Our step against TRL's GRPOTrainer on identical work, alternating (ARGS="--configs small:64:1 --rounds 1").
+bench-vs-trl: install
+	$(PY) scripts/bench_vs_trl.py $(ARGS)
 
 eval: install
 	$(PY) -m trainer.eval --model $(MODEL) $(ARGS)

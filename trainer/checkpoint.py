@@ -183,6 +183,27 @@ def select_resume_checkpoint(root: Path) -> tuple[Path | None, list[tuple[Path, 
     return None, skipped
 
 
+def choose_resume_checkpoint(root: Path, resume: bool) -> dict[str, str | None]:
+    """Rank 0, before anything heavy is built: ``{"path": checkpoint to resume from or None, "error": ...}``.
+    Newer damaged checkpoints are set aside with a warning; existing checkpoints are never started over,
+    whatever ``resume`` says (the error then names them)."""
+    try:
+        if not resume:
+            ensure_no_checkpoints(root)
+            return {"path": None, "error": None}
+        path, skipped = select_resume_checkpoint(root)
+    except CheckpointError as e:
+        return {"path": None, "error": str(e)}
+    for bad, why in skipped:
+        moved = set_aside(bad, why)
+        log.warning(
+            "checkpoint %s is unusable (%s): moved to %s; resuming from an older one", bad, why, moved
+        )
+    if path is None:
+        log.warning("checkpoint.resume=true but %s holds no checkpoint yet: starting at step 0", root)
+    return {"path": str(path) if path else None, "error": None}
+
+
 def set_aside(path: Path, why: str) -> Path:
     """Rename a damaged checkpoint to ``damaged-step-*`` so it neither shadows nor collides with a new save;
     it is kept for inspection, with the reason written beside it."""

@@ -276,6 +276,17 @@ class RolloutConfig(Section):
         description="dtype of the pushed weights (must match the server's); auto = the training dtype.",
     )
     sync_every_steps: int = Field(1, ge=1, le=100000, description="Push weights every N optimizer steps.")
+    max_off_policy_steps: int = Field(
+        0,
+        ge=0,
+        le=4,
+        description="How many optimizer steps the weights that generate a batch may lag behind the weights "
+        "that train on it. 0 = strictly on-policy: the rollouts of step s are generated after step s-1's "
+        "weights were pushed, generation and training take turns. 1 = one-step off-policy: step s+1's "
+        "rollouts are generated on weights s-1 while step s trains, so the rollout servers and the trainer "
+        "work at the same time; weights are still pushed after every step, and the loss corrects the lag "
+        "with its truncated importance weight (objective.importance_sampling_cap, required then).",
+    )
 
     @field_validator("api_token", mode="after")
     @classmethod
@@ -476,6 +487,13 @@ class TrainConfig(Section):
     def _consistent(self) -> TrainConfig:
         if self.deepspeed.offload_param and self.deepspeed.zero_stage != 3:
             raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage 3")
+        if self.rollout.max_off_policy_steps and self.objective.importance_sampling_cap is None:
+            raise ValueError(
+                "rollout.max_off_policy_steps > 0 needs objective.importance_sampling_cap (e.g. 3.0): the "
+                "truncated importance weight is what corrects for rollouts sampled on older weights"
+            )
+        if self.rollout.max_off_policy_steps and self.rollout.sync_every_steps != 1:
+            raise ValueError("rollout.max_off_policy_steps > 0 needs rollout.sync_every_steps 1")
         return self
 
     @property

@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -384,7 +385,9 @@ def evaluate_model(
     ctx = (
         contextlib.nullcontext(server_url)
         if server_url
-        else rollout_server(model, args.backend, args.startup_timeout)
+        else rollout_server(
+            model, args.backend, args.startup_timeout, shlex.split(getattr(args, "server_args", "") or "")
+        )
     )
     with ctx as url:
         client = RolloutClient(url, timeout_s=args.request_timeout)
@@ -428,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--startup-timeout", type=float, default=900.0, help="seconds to wait for a started server"
+    )
+    p.add_argument(
+        "--server-args",
+        default="",
+        help='extra arguments of a started server, one string (e.g. "--max-model-len 1024")',
     )
     p.add_argument("--request-timeout", type=float, default=1800.0, help="seconds per /generate request")
     p.add_argument("--no-progress", action="store_true")

@@ -151,6 +151,17 @@ def reduce_per_token_loss(
     return total * normalizer.num_ranks
 
 
+def loss_metric_keys(config: LossConfig) -> list[str]:
+    """The per-token metric names ``grpo_loss`` reports for ``config`` (besides num_tokens and loss), in a
+    fixed order: the update stage all-reduces them as one vector, so every rank needs the same list."""
+    keys = ["clip_frac_low", "clip_frac_high", "clip_frac_region", "ratio_mean", "entropy_mean"]
+    if config.importance_sampling_cap is not None:
+        keys += ["is_weight_mean", "is_capped_frac"]
+    if config.beta > 0:
+        keys.append("kl_mean")
+    return keys
+
+
 def grpo_loss(
     logprobs: torch.Tensor,
     advantages: torch.Tensor,

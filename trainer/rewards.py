@@ -42,6 +42,7 @@ a 5 MB completion costs the same as a 32 KB one (the strict format, anchored at 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import re
@@ -235,12 +236,15 @@ class RewardSpec:
     score: ScoreFn
     max_value: float
     description: str
+    is_accuracy: bool = False  # a positive score means the answer is right: the "accuracy" metric counts it
 
 
 REWARD_REGISTRY: dict[str, RewardSpec] = {
-    "correctness": RewardSpec(correctness_score, 2.0, "answer in tags equals the gold string"),
+    "correctness": RewardSpec(
+        correctness_score, 2.0, "answer in tags equals the gold string", is_accuracy=True
+    ),
     "correctness_math": RewardSpec(
-        correctness_math_score, 2.0, "answer in tags equals the gold (math-verify)"
+        correctness_math_score, 2.0, "answer in tags equals the gold (math-verify)", is_accuracy=True
     ),
     "integer": RewardSpec(integer_score, 0.5, "answer in tags is digits only"),
     "strict_format": RewardSpec(strict_format_score, 0.5, "whole completion is exactly the tag layout"),
@@ -376,6 +380,10 @@ class RewardScores:
     failures: dict[str, int] = field(default_factory=dict)  # name -> failures in this call
 
 
+def _debug_raising_reward(prompts=None, completions=(), **columns):
+    raise RuntimeError("debug.raising_reward: this reward always raises")
+
+
 class RewardSet:
     """Several rewards with weights: ``scores = RewardSet.from_config(cfg)(prompts, completions, gold=golds)``.
 
@@ -398,6 +406,29 @@ class RewardSet:
     @classmethod
     def from_config(cls, cfg: RewardConfig, extra: dict[str, RewardFn] | None = None) -> RewardSet:
         return cls(cfg.weights, cfg.prompt_format, cfg.max_completion_chars, extra)
+
+    @classmethod
+    def from_train_config(cls, cfg: Any) -> RewardSet:
+        """The run's rewards: ``cfg.rewards`` (registry names -> weights), ``cfg.custom_rewards``
+        ("package.module:function" -> weight) and, for fault tests, ``cfg.debug.raising_reward``."""
+        weights = dict(cfg.rewards)
+        extra: dict[str, RewardFn] = {}
+        for path, w in cfg.custom_rewards.items():
+            module, _, func = path.partition(":")
+            weights[func] = w
+            extra[func] = getattr(importlib.import_module(module), func)
+        if cfg.debug.raising_reward:
+            weights["debug_raise"] = 1.0
+            extra["debug_raise"] = _debug_raising_reward
+        return cls(weights, cfg.data.prompt_format, extra=extra)
+
+    def accuracy(self, per_func: dict[str, list[float]]) -> float | None:
+        """Fraction of completions the first accuracy reward (``RewardSpec.is_accuracy``) scores above 0."""
+        for name, vals in per_func.items():
+            spec = REWARD_REGISTRY.get(name)
+            if spec is not None and spec.is_accuracy and name in self.weights:
+                return sum(v > 0 for v in vals) / max(len(vals), 1)
+        return None
 
     @property
     def failures(self) -> dict[str, int]:

@@ -66,10 +66,9 @@ class ScoreStage:
         for name, vals in scores.per_func.items():
             m[f"reward/{name}/mean"], m[f"reward/{name}/std"] = _mean_std(vals)
         m["reward/total/mean"], m["reward/total/std"] = _mean_std(scores.total)
-        if "correctness" in scores.per_func:
-            m["accuracy"] = sum(v > 0 for v in scores.per_func["correctness"]) / max(n, 1)
-        elif "correctness_math" in scores.per_func:
-            m["accuracy"] = sum(v > 0 for v in scores.per_func["correctness_math"]) / max(n, 1)
+        accuracy = self.rewards.accuracy(scores.per_func)
+        if accuracy is not None:
+            m["accuracy"] = accuracy
         m["completion_length/mean"] = sum(lengths) / max(n, 1)
         m["completion_length/max"] = float(max(lengths, default=0))
         m["completion_length/min"] = float(min(lengths, default=0))

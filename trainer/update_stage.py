@@ -27,7 +27,7 @@ import torch
 
 from trainer.distributed import all_reduce_scalar
 from trainer.logprobs import completion_logprobs
-from trainer.loss import LossConfig, LossNormalizer, grpo_loss
+from trainer.loss import LossConfig, LossNormalizer, grpo_loss, loss_metric_keys
 
 
 class LogprobPolicy(torch.nn.Module):
@@ -83,7 +83,7 @@ class TrainBatch:
     nan_loss: bool = False  # debug hook: make this step's loss NaN
     nan_loss_rank: int | None = None  # ... on this rank only (None = all ranks)
     stop_reason: str | None = None  # set instead of rows when the run must stop on every rank
-    stale: bool = False  # set instead of rows when the completions came from other weights: regenerate
+    stale: str | None = None  # set instead of rows when a server lost its weights (restarted): why
 
 
 @dataclass
@@ -266,14 +266,6 @@ class UpdateStage:
         assert result is not None
         return result
 
-    def _metric_keys(self) -> list[str]:
-        keys = ["clip_frac_low", "clip_frac_high", "clip_frac_region", "ratio_mean", "entropy_mean"]
-        if self.loss_config.importance_sampling_cap is not None:
-            keys += ["is_weight_mean", "is_capped_frac"]
-        if self.loss_config.beta > 0:
-            keys.append("kl_mean")
-        return keys
-
     def _padding_forward(self, model) -> None:
         self._logprobs(model, self._padding_batch(), False)
 
@@ -319,7 +311,7 @@ class UpdateStage:
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         # Token-weighted means over all ranks' micro-batches: one all-reduce of a fixed key list (a rank with
         # only padding passes has no metrics of its own but must join the same collective).
-        keys = self._metric_keys()
+        keys = loss_metric_keys(self.loss_config)
         vec = torch.tensor(
             [sums.get(k, 0.0) for k in keys] + [total_tokens, loss_sum],
             dtype=torch.float64,

@@ -1,6 +1,10 @@
 """Push the policy's weights to every rollout server: one update request per server per sync.
 
-Interface (what the loop sees): ``WeightSync.push(version) -> stats``; every rank calls it, rank 0 sends.
+Interface (what the loop sees): ``WeightSync.push(version) -> stats`` pushes or raises ``WeightSyncFailed``;
+``WeightSync.resync(version)`` does the same for servers known to have lost their weights. Every rank calls
+them, rank 0 sends. Recovery lives here, not in the loop: a failed push (a server restarted, so its transfer
+group is gone) waits for every server to be ready again (``ready_timeout_s``), re-opens the group and
+pushes once more; a second failure raises.
 
 Under ZeRO-3 no rank holds the full model, so parameters are gathered a bucket's worth at a time
 (``deepspeed.zero.GatheredParameters`` on a subset of parameters; every rank joins the all-gather, only rank 0
@@ -25,6 +29,10 @@ import torch
 from trainer.distributed import broadcast_object
 
 log = logging.getLogger(__name__)
+
+
+class WeightSyncFailed(RuntimeError):
+    """The weights could not be pushed (after the one retry); the same message is raised on every rank."""
 
 
 def named_hf_parameters(hf_model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -103,6 +111,7 @@ class WeightSync:
         bucket_bytes: int,
         timeout_s: float,
         dtype: torch.dtype | None = None,
+        ready_timeout_s: float = 600.0,
     ):
         self.params = named_hf_parameters(hf_model)
         self.rank = rank
@@ -112,13 +121,16 @@ class WeightSync:
         self.dtype = dtype
         self.backend = backend
         self.master_addr, self.master_port = master_addr, master_port
+        self.ready_timeout_s = ready_timeout_s
         self.client = None
+        self.health_clients = []
         self.server_urls = list(server_urls)
         if rank == 0:
-            from rollout_server.client import WeightSyncClient
+            from rollout_server.client import RolloutClient, WeightSyncClient
             from rollout_server.protocol import TensorSpec, WeightManifest, dtype_name
 
             self.client = WeightSyncClient(server_urls, api_token=api_token, http_timeout_s=timeout_s)
+            self.health_clients = [RolloutClient(u, api_token=api_token, timeout_s=30.0) for u in server_urls]
             specs = []
             for name, p in self.params:
                 shape = [int(d) for d in (getattr(p, "ds_shape", None) or p.shape)]
@@ -137,10 +149,34 @@ class WeightSync:
                 )
         err = broadcast_object(err)
         if err:
-            raise RuntimeError(err)
+            raise WeightSyncFailed(err)
 
     def push(self, version: int) -> dict[str, float]:
-        """Send the current weights as ``version``; returns timing stats (same dict on every rank)."""
+        """Send the current weights as ``version``; returns timing stats (same dict on every rank). A failure
+        is retried once on a re-opened group (``resync``); a second one raises ``WeightSyncFailed``."""
+        try:
+            return self._push_once(version)
+        except WeightSyncFailed as e:
+            log.warning("%s; waiting for the servers, re-opening the sync group and retrying once", e)
+            return self.resync(version)
+
+    def resync(self, version: int) -> dict[str, float]:
+        """For servers that lost their weights (restarted): wait until every one is ready, re-open the
+        group, push ``version``. Raises ``WeightSyncFailed``."""
+        err = None
+        if self.rank == 0:
+            try:
+                for c in self.health_clients:
+                    c.wait_until_ready(timeout_s=self.ready_timeout_s)
+            except Exception as e:
+                err = f"rollout server not ready for a weight re-sync: {type(e).__name__}: {e}"
+        err = broadcast_object(err)
+        if err:
+            raise WeightSyncFailed(err)
+        self.connect()
+        return self._push_once(version)
+
+    def _push_once(self, version: int) -> dict[str, float]:
         t0 = time.perf_counter()
         tensors = iter_full_tensors(
             self.params, self.zero3, self.bucket_bytes, self.dtype, send=self.rank == 0
@@ -175,10 +211,12 @@ class WeightSync:
             result = {}
         result = broadcast_object(result)
         if isinstance(result, str):
-            raise RuntimeError(result)
+            raise WeightSyncFailed(result)
         return result
 
     def close(self) -> None:
+        for c in self.health_clients:
+            c.close()
         if self.client is not None:
             try:
                 self.client.close()
