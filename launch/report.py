@@ -3,7 +3,8 @@
     python -m launch.report runs/cpu-demo          # works during a run (reads what is there) and after
 
 Writes into RUN_DIR/report/: ``rewards.png`` (each reward function's mean per step, and the total),
-``accuracy.png``, ``completion_length.png``, and RUN_DIR/report.md with a table of the first, last and best
+``accuracy.png``, ``completion_length.png``, ``truncation.png``, ``step_time.png`` (the step and its split:
+generate, trainer idle waiting for rollouts, train, sync), and RUN_DIR/report.md with a table of the first, last and best
 value of each headline metric, plus the before/after held-out accuracy of RUN_DIR/heldout.json when the
 launcher measured it. The driver calls ``write_report`` when a run ends.
 
@@ -63,6 +64,11 @@ def metric_series(rows: list[dict[str, Any]], column: str) -> list[tuple[int, fl
         if v is not None and math.isfinite(v):
             out.append((row["step"], v))
     return out
+
+
+def _key_series(rows: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    """(step, value) of one exact metrics key, finite values only."""
+    return [(r["step"], float(r[key])) for r in rows if _finite(r.get(key))]
 
 
 def _finite(v: Any) -> bool:
@@ -142,6 +148,18 @@ def write_report(run_dir: str | Path) -> Path:
     acc = metric_series(rows, "acc")
     length = metric_series(rows, "len")
     tps = metric_series(rows, "tok/s")
+    trunc = _key_series(rows, "truncated/frac")
+    times = {
+        name: _key_series(rows, key)
+        for name, key in (
+            ("step", "time/step"),
+            ("generate (rollout side)", "time/generate"),
+            ("wait for rollouts (trainer idle)", "time/wait_rollout"),
+            ("train", "time/train"),
+            ("weight sync", "time/sync"),
+        )
+        if any(key in r for r in rows)
+    }
     plots = {
         "rewards.png": _plot(
             out / "rewards.png", "Reward per function (mean over completions)", "reward", rewards
@@ -152,6 +170,13 @@ def write_report(run_dir: str | Path) -> Path:
         "completion_length.png": _plot(
             out / "completion_length.png", "Completion length", "tokens", {"completion length": length}
         ),
+        "truncation.png": _plot(
+            out / "truncation.png",
+            "Completions cut at max_completion_length",
+            "fraction",
+            {"truncated": trunc},
+        ),
+        "step_time.png": _plot(out / "step_time.png", "Time per step", "seconds", times),
     }
     lines = [f"# Run report: {run_dir.name}", ""]
     if not rows:
@@ -167,6 +192,9 @@ def write_report(run_dir: str | Path) -> Path:
         lines.append(_row("accuracy", acc))
         lines.append(_row("completion length", length, higher_is_better=False))
         lines.append(_row("tokens/s", tps))
+        lines.append(_row("truncated fraction", trunc, higher_is_better=False))
+        for name, pts in times.items():
+            lines.append(_row(f"seconds: {name}", pts, higher_is_better=False))
         evals = sorted(k for k in rows[-1] if k.startswith("eval/") and _finite(rows[-1][k]))
         for k in evals:
             lines.append(_row(k, [(r["step"], float(r[k])) for r in rows if _finite(r.get(k))]))

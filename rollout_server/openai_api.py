@@ -470,8 +470,6 @@ async def _stream(
     finish_reason and, when asked, the logprobs of all its tokens; with `usage`, every chunk has `usage: null`
     and a last chunk with no choices carries the counts (OpenAI's `stream_options.include_usage`).
     """
-    from rollout_server.torch_backend import cut_at_stop
-
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     tok = state.backend.tokenizer
@@ -524,7 +522,7 @@ async def _stream(
             break
         row, token, finished = item
         rows.setdefault(row, []).append(token)
-        text = cut_at_stop(tok.decode(rows[row], skip_special_tokens=True), stops)
+        text = P.cut_at_stop(tok.decode(rows[row], skip_special_tokens=True), stops)
         upto = len(text) if finished else max(0, len(text) - hold)
         if not finished and text.endswith("\ufffd"):
             upto = min(upto, len(text) - 1)  # an incomplete UTF-8 character: wait for its next byte

@@ -430,3 +430,9 @@ def unpack_bucket(
             raw = raw.clone()  # a dtype view needs an aligned offset (odd-sized half tensors before it)
         out.append((spec.name, raw.view(torch_dtype(spec.dtype)).view(spec.shape)))
     return out
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """The contract's stop-string rule: the text ends before the earliest stop string (not included)."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(hits)] if hits else text

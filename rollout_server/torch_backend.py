@@ -24,6 +24,7 @@ from rollout_server.protocol import (
     UpdateWeightsRequest,
     UpdateWeightsResponse,
     WeightManifest,
+    cut_at_stop,
     dtype_name,
     plan_buckets,
 )
@@ -74,11 +75,6 @@ def unsupported(req: GenerateRequest) -> BadRequest | None:
             e.param, e.code = name, "unsupported_parameter"  # read by the HTTP layer (OpenAI's error shape)
             return e
     return None
-
-
-def cut_at_stop(text: str, stops: list[str]) -> str:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return text[: min(hits)] if hits else text
 
 
 class TorchBackend(Backend):

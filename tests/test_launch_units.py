@@ -76,6 +76,12 @@ def test_report_writes_plots_and_table(tmp_path: Path):
                 "accuracy": s / 20,
                 "completion_length/mean": 30 - s * 0.5,
                 "tokens_per_s": 100.0,
+                "truncated/frac": 0.5 - s * 0.02,
+                "time/step": 2.0 + s * 0.01,
+                "time/generate": 1.0,
+                "time/wait_rollout": 0.0,
+                "time/train": 1.5,
+                "time/sync": 0.1,
             }
         )
     rows.append(
@@ -98,7 +104,9 @@ def test_report_writes_plots_and_table(tmp_path: Path):
     # first, last, best, then the means of the first and last two steps (10% of 20)
     assert "| reward: correctness | 0.05 (step 1) | 1 (step 20) | 1 (step 20) | 0.075 | 0.975 |" in text
     assert "Change (strict): +25.0 points on 200 problems." in text
-    for png in ("rewards.png", "accuracy.png", "completion_length.png"):
+    assert "| truncated fraction | 0.48 (step 1) | 0.12 (step 19) | 0.12 (step 19) |" in text
+    assert "| seconds: wait for rollouts (trainer idle) | 0 (step 1) |" in text
+    for png in ("rewards.png", "accuracy.png", "completion_length.png", "truncation.png", "step_time.png"):
         data = (tmp_path / "report" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, png
 

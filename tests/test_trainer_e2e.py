@@ -43,12 +43,14 @@ ADAM_EPS = 10.0
 MAX_GRAD_NORM = 1.0
 BETA = 0.04
 TEMPERATURE = 1.0
+IS_CAP = 3.0  # the off-policy variant's truncated importance weight cap
 
 
 @pytest.fixture(
     scope="module",
     params=[
         "torch",
+        "torch-offpolicy",  # rollout.max_off_policy_steps=1: the rollout thread runs a step ahead
         pytest.param(
             "vllm",
             marks=pytest.mark.skipif(
@@ -58,8 +60,8 @@ TEMPERATURE = 1.0
     ],
 )
 def e2e_run(tiny_model_dir, tmp_path_factory, request):
-    backend = request.param
-    out = tmp_path_factory.mktemp(f"trainer-e2e-{backend}")
+    backend, _, variant = request.param.partition("-")
+    out = tmp_path_factory.mktemp(f"trainer-e2e-{request.param}")
     with (
         rollout_server(tiny_model_dir, out / "server-0.log", backend=backend) as (url0, _),
         rollout_server(tiny_model_dir, out / "server-1.log", backend=backend) as (url1, _),
@@ -84,6 +86,8 @@ def e2e_run(tiny_model_dir, tmp_path_factory, request):
             f"debug.nan_loss_at_steps=[{STEPS}]",
             "debug.nan_loss_rank=1",
         ]
+        if variant == "offpolicy":
+            overrides += ["rollout.max_off_policy_steps=1", f"objective.importance_sampling_cap={IS_CAP}"]
         procs = start_trainer(2, "configs/cpu-tiny-test.yaml", overrides, out)
         codes = wait_all(procs, timeout_s=480)
         for i, url in enumerate((url0, url1)):  # kept for the prompt-split check
@@ -112,6 +116,9 @@ def test_server_version_and_greedy_output_follow_each_sync(e2e_run, tiny_model_d
         text = (e2e_run.parent / f"server-{i}.metrics").read_text()
         line = next(x for x in text.splitlines() if x.startswith("rollout_tokens_generated_total"))
         assert float(line.split()[-1]) >= STEPS * 2 * 4 * 16, line
+    # Which weights sampled each step: the previous step's on-policy, one step older with the overlap.
+    lags = [m["weight_version/lag"] for m in read_jsonl(e2e_run / "metrics.jsonl")]
+    assert lags == ([0, 1, 1] if "offpolicy" in e2e_run.parent.name else [0, 0, 0])
     # The probe would pass trivially if the weights never changed: they must.
     assert not state_dicts_equal(load_hf(tiny_model_dir), load_hf(e2e_run / "checkpoints/step-000001/hf"))
 
@@ -132,7 +139,10 @@ def test_first_step_equals_plain_single_process_update(e2e_run, tiny_model_dir):
     assert any(abs(r.advantage) > 0 for r in rows), "no learning signal: the comparison would be vacuous"
 
     model = load_hf(tiny_model_dir).train()
-    config = LossConfig(beta=BETA)  # every other loss option at the trainer's config defaults
+    off_policy = "offpolicy" in e2e_run.parent.name
+    # Every other loss option at the trainer's config defaults; off-policy adds the importance weight (at
+    # step 1 both sides hold v0, so it is ~1, but it is computed from the sampler's log-probs all the same).
+    config = LossConfig(beta=BETA, importance_sampling_cap=IS_CAP if off_policy else None)
     normalizer = LossNormalizer(
         total_sequences=len(rows),
         total_completion_tokens=sum(len(r.completion_ids) for r in rows),
@@ -146,6 +156,7 @@ def test_first_step_equals_plain_single_process_update(e2e_run, tiny_model_dir):
             torch.tensor([r.advantage]),
             torch.ones_like(lp),
             ref_logprobs=lp.detach(),  # the reference model is the initial policy
+            rollout_logprobs=torch.tensor([r.rollout_logprobs]) if off_policy else None,
             config=config,
             normalizer=normalizer,
         )
@@ -221,7 +232,8 @@ def test_run_folder_layout_and_logs(e2e_run, capsys):
     )  # policy == reference at step 1 only
     completions = read_jsonl(e2e_run / "completions.jsonl")
     assert {c["step"] for c in completions} == {1, 2, 3}
-    assert all(c["weight_version"] == c["step"] - 1 for c in completions)  # on-policy: made by the last push
+    lag = 1 if "offpolicy" in e2e_run.parent.name else 0  # on-policy: made by the last push
+    assert all(c["weight_version"] == max(c["step"] - 1 - lag, 0) for c in completions)
     assert browse_main([str(e2e_run), "--step", "2", "--limit", "3"]) == 0
     printed = capsys.readouterr().out
-    assert "step 2" in printed and "weight_version 1" in printed
+    assert "step 2" in printed and f"weight_version {1 - lag}" in printed
