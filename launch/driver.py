@@ -42,8 +42,10 @@ CHILD_ENV_DEFAULTS = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 PASS_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_TOKEN", "ROLLOUT_API_TOKEN", "PYTHONPATH", "RAY_AUTH_MODE")
 
 
-class Interrupted(Exception):
-    """SIGINT / SIGTERM reached the driver."""
+class Interrupted(BaseException):
+    """SIGINT / SIGTERM reached the driver. A BaseException (as KeyboardInterrupt is), so the ``except
+    Exception`` around actor calls cannot mistake it for a lost actor and restart the world instead of
+    stopping (seen once: SIGINT landed inside the trainer-rank poll)."""
 
 
 @dataclass
