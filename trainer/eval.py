@@ -385,9 +385,7 @@ def evaluate_model(
     ctx = (
         contextlib.nullcontext(server_url)
         if server_url
-        else rollout_server(
-            model, args.backend, args.startup_timeout, shlex.split(getattr(args, "server_args", "") or "")
-        )
+        else rollout_server(model, args.backend, args.startup_timeout, shlex.split(args.server_args))
     )
     with ctx as url:
         client = RolloutClient(url, timeout_s=args.request_timeout)

@@ -177,7 +177,7 @@ class Trainer:
             except WeightSyncFailed as e:
                 raise TrainingStopped(str(e)) from e
             if self.rank == 0:
-                self.c.producer.retry(step, self.synced_version)
+                self.c.producer.release(step, self.synced_version)  # same prompts, generated again
         raise TrainingStopped(f"step {step}: servers kept answering with stale weights")
 
     def step(self, step: int) -> dict[str, Any]:
@@ -245,7 +245,7 @@ class Trainer:
         even if the rollout side has already drawn later ones."""
         data = None
         if self.rank == 0:
-            data = self.data_states[step] if step in self.data_states else self.c.dataset.state_dict()
+            data = self.data_states[step]  # every step that ran recorded its position
             self.data_states = {s: d for s, d in self.data_states.items() if s > step}
         state = {
             "weight_version": step,

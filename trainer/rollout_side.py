@@ -18,7 +18,7 @@ The queue never holds more than k+1 batches.
 Every completion carries the weight version it was sampled with. A batch whose completions came from weights
 older than its release version (a server restarted and serves its initial weights) is handed over as
 *stale*, with the reason; the update side re-syncs the servers (a collective on every trainer rank) and
-calls ``retry``, and the same prompts are generated again.
+releases the step again, and the same prompts are generated again.
 
 A checkpoint of step s must resume with step s+1's prompts even if the thread has already drawn later ones,
 so each batch carries the dataset position right after its own prompts were drawn (``data_state``).
@@ -52,7 +52,7 @@ class ProducedStep:
 
 
 class RolloutSide:
-    """The background producer of training batches (rank 0). ``start`` once, ``release`` / ``next`` / ``retry``
+    """The background producer of training batches (rank 0). ``start`` once, ``release`` / ``next``
     from the update side, ``close`` at the end."""
 
     def __init__(
@@ -90,10 +90,6 @@ class RolloutSide:
         with self._cond:
             self._released[step] = version
             self._cond.notify_all()
-
-    def retry(self, step: int, version: int) -> None:
-        """After a stale batch of ``step`` and a re-sync to ``version``: generate the same prompts again."""
-        self.release(step, version)
 
     def next(self, step: int, timeout_s: float) -> ProducedStep:
         """The next batch (it must be ``step``'s); raises TimeoutError if none comes within ``timeout_s``, or
@@ -142,7 +138,7 @@ class RolloutSide:
                 if item.batch.stop_reason:
                     return
                 if not item.batch.stale:
-                    break  # else wait for retry(): the update side re-syncs the servers first
+                    break  # stale: the update side re-syncs the servers, then releases the step again
 
     def _produce(
         self, step: int, prompts: list[dict[str, Any]], data_state: dict[str, int], min_version: int
