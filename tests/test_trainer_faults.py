@@ -140,7 +140,15 @@ def test_server_restarted_at_same_url_gets_the_current_weights_again(tiny_model_
     metrics = read_jsonl(metrics_path)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     probes = read_jsonl(tmp_path / "faults" / "debug" / "probes.jsonl")
-    assert all(p["server_version"] == p["pushed_version"] for p in probes)
+    # The kill lands at a moment the test does not control (mid-request, mid-push or between a push and its
+    # probe). Only in the last case may a probe disagree with its push: the restarted server then holds its
+    # initial weights (v0), and the next push must put the current ones back. So: at most one probe, showing
+    # v0, disagrees, and every probe after it agrees.
+    stale = [i for i, p in enumerate(probes) if p["server_version"] != p["pushed_version"]]
+    assert len(stale) <= 1, probes
+    for i in stale:
+        assert probes[i]["server_version"] == 0 and i < len(probes) - 1, probes
+    assert [p["pushed_version"] for p in probes] == [0, 1, 2, 3, 4, 5, 6]  # (0: the push at start)
     # Every completion after the restart was made by the weights the setting allows (the latest ones
     # on-policy, at most one step older off-policy), never the restarted server's initial ones.
     for m in metrics:
