@@ -65,7 +65,7 @@ def test_progress_bar_tracks_steps_and_resume(tmp_path: Path):
 
 def test_report_writes_plots_and_table(tmp_path: Path):
     rows = []
-    for s in range(1, 21):  # the trainer's key names (trainer/score_stage.py, trainer/loop.py)
+    for s in range(1, 21):  # the trainer's key names (trainer/rollout_side.py, trainer/loop.py)
         rows.append(
             {
                 "step": s,

@@ -10,7 +10,7 @@ import torch
 
 from trainer.engine_setup import lr_lambda_factory
 from trainer.metrics_log import CompletionsLogger, MetricsLogger, read_jsonl
-from trainer.rollout_stage import split_evenly
+from trainer.rollout_side import split_evenly
 from trainer.update_stage import TrainRow, collate, make_normalizer, plan_micro_batches, shard_rows
 
 

@@ -127,7 +127,7 @@ def rollout_url(formatted_model_dir, tmp_path_factory):
 
 
 def _metric_row(step: int, rng: random.Random) -> dict:
-    """One metrics.jsonl row with the keys trainer/score_stage.py and trainer/loop.py write."""
+    """One metrics.jsonl row with the keys trainer/rollout_side.py and trainer/loop.py write."""
     acc = min(1.0, step / 30 + rng.random() * 0.1)
     row = {"step": step}
     means = {

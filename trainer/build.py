@@ -121,9 +121,7 @@ def _build_rollout_side(c: Components) -> None:
     """Rank 0: clients of the rollout servers, scoring, the producer thread, metric writers."""
     from trainer.metrics_log import CompletionsLogger, MetricsLogger
     from trainer.rewards import RewardSet
-    from trainer.rollout_side import RolloutSide
-    from trainer.rollout_stage import RolloutStage
-    from trainer.score_stage import ScoreStage
+    from trainer.rollout_side import RolloutSide, RolloutStage, ScoreStage
 
     cfg = c.cfg
     scorer = ScoreStage(

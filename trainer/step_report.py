@@ -112,7 +112,7 @@ def log_step(step: int, total_steps: int, m: dict[str, Any], result: UpdateResul
 
 def sample_completions(produced: ProducedStep, k: int, rng: random.Random) -> list[dict]:
     """completions.jsonl rows of ``k`` randomly chosen prompts of the step (every completion of each)."""
-    from trainer.score_stage import completion_records
+    from trainer.rollout_side import completion_records
 
     rb = produced.scored.rollout
     idx = sorted(rng.sample(range(len(rb.prompts)), min(k, len(rb.prompts))))

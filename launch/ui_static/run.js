@@ -5,7 +5,7 @@ const $ = (id) => document.getElementById(id);
 const COLORS = ["#4f5bd5", "#e07b39", "#1f8a4c", "#c2417a", "#0e8fb3", "#8a6d1f", "#7a4fd5", "#6b7385"];
 
 // Which metric keys go in which chart (first matching chart wins; keys are as the trainer logs them).
-// Which metric keys go in which chart (first matching chart wins). Keys as trainer/score_stage.py logs them:
+// Which metric keys go in which chart (first matching chart wins). Keys as trainer/rollout_side.py logs them:
 // reward/<fn>/mean, reward/total/mean, accuracy, completion_length/{mean,max,min}, kl, and eval/* from evaluations.
 const CHARTS = [
   { id: "rewards", title: "Reward per function (mean)", match: (k) => /^rewards?\//.test(k) && !/(std|failures)/.test(k) },
