@@ -17,28 +17,10 @@ import math
 
 import pytest
 
-from tests.trainer_support import free_port, read_jsonl, read_log, rollout_server, start_trainer, wait_all
+from tests.trainer_support import read_jsonl, read_log, rollout_server, run_short
 from trainer.config import ConfigError, load_config
 
 pytestmark = pytest.mark.slow
-
-
-def _run(model_dir, out, url, name, tag, extra=()):
-    overrides = [
-        f"model.name_or_path={model_dir}",
-        f"run.output_dir={out}",
-        f"run.name={name}",
-        f"rollout.server_urls=[{url}]",
-        f"rollout.sync_master_port={free_port()}",
-        "optim.max_steps=4",
-        "optim.lr=1e-2",
-        "checkpoint.every_steps=2",
-        "debug.probe_after_sync=true",
-        "logging.tensorboard=false",
-        *extra,
-    ]
-    procs = start_trainer(1, "configs/cpu-tiny-test.yaml", overrides, out, tag)
-    return wait_all(procs, timeout_s=240)[0]
 
 
 OFF = ["rollout.max_off_policy_steps=1", "objective.importance_sampling_cap=3.0"]
@@ -56,14 +38,14 @@ def test_one_step_off_policy_lags_by_one_pushes_every_step_and_resumes_exactly(
     tiny_model_dir, tmp_path, fault_report
 ):
     with rollout_server(tiny_model_dir, tmp_path / "server-1.log") as (url, _):
-        assert _run(tiny_model_dir, tmp_path, url, "a", "a", OFF) == 0, read_log(tmp_path, "a")
-        assert _run(tiny_model_dir, tmp_path, url, "onpolicy", "onpolicy") == 0, read_log(
+        assert run_short(tiny_model_dir, tmp_path, url, "a", "a", OFF) == 0, read_log(tmp_path, "a")
+        assert run_short(tiny_model_dir, tmp_path, url, "onpolicy", "onpolicy") == 0, read_log(
             tmp_path, "onpolicy"
         )
-        code = _run(tiny_model_dir, tmp_path, url, "b", "b1", [*OFF, "debug.crash_after_step=3"])
+        code = run_short(tiny_model_dir, tmp_path, url, "b", "b1", [*OFF, "debug.crash_after_step=3"])
         assert code == 3, read_log(tmp_path, "b1")
     with rollout_server(tiny_model_dir, tmp_path / "server-2.log") as (url, _):  # fresh: initial weights
-        resumed = _run(tiny_model_dir, tmp_path, url, "b", "b2", [*OFF, "checkpoint.resume=true"])
+        resumed = run_short(tiny_model_dir, tmp_path, url, "b", "b2", [*OFF, "checkpoint.resume=true"])
         assert resumed == 0, read_log(tmp_path, "b2")
 
     a = read_jsonl(tmp_path / "a" / "metrics.jsonl")

@@ -24,6 +24,7 @@ from tests.trainer_support import (
     read_jsonl,
     read_log,
     rollout_server,
+    run_overrides,
     start_trainer,
     wait_all,
 )
@@ -32,19 +33,13 @@ pytestmark = pytest.mark.slow
 
 
 def _overrides(tiny_model_dir, out, url, extra=()):
-    return [
-        f"model.name_or_path={tiny_model_dir}",
-        f"run.output_dir={out}",
-        "run.name=faults",
-        f"rollout.server_urls=[{url}]",
-        f"rollout.sync_master_port={free_port()}",
+    fail_fast = [
         "rollout.retries=2",
         "rollout.backoff_s=0.2",
         "rollout.request_timeout_s=10",
         "rollout.sync_timeout_s=10",
-        "logging.tensorboard=false",
-        *extra,
     ]
+    return run_overrides(tiny_model_dir, out, "faults", url, *fail_fast, *extra)
 
 
 def test_raising_reward_is_counted_and_dead_server_stops_the_run(tiny_model_dir, tmp_path):

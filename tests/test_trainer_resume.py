@@ -15,13 +15,15 @@ import pytest
 import torch
 
 from tests.trainer_support import (
-    free_port,
+    SHORT_RUN,
     greedy_with_logprobs,
     kill_group,
     load_hf,
     read_jsonl,
     read_log,
     rollout_server,
+    run_overrides,
+    run_short,
     start_trainer,
     wait_all,
 )
@@ -29,28 +31,15 @@ from tests.trainer_support import (
 pytestmark = pytest.mark.slow
 
 
-def _overrides(tiny_model_dir, out, name, url, extra=()):
-    return [
-        f"model.name_or_path={tiny_model_dir}",
-        f"run.output_dir={out}",
-        f"run.name={name}",
-        f"rollout.server_urls=[{url}]",
-        f"rollout.sync_master_port={free_port()}",
-        "optim.max_steps=4",
-        "optim.lr=1e-2",
-        "checkpoint.every_steps=2",
-        'custom_rewards={"tests.trainer_support:digit_fraction": 1.0}',
-        "debug.probe_after_sync=true",
-        "logging.tensorboard=false",
-        *extra,
-    ]
+DIGITS = 'custom_rewards={"tests.trainer_support:digit_fraction": 1.0}'
+
+
+def _overrides(model_dir, out, name, url, extra=()):
+    return run_overrides(model_dir, out, name, url, *SHORT_RUN, DIGITS, *extra)
 
 
 def _run(tiny_model_dir, out, url, name, tag, extra=()):
-    procs = start_trainer(
-        1, "configs/cpu-tiny-test.yaml", _overrides(tiny_model_dir, out, name, url, extra), out, tag
-    )
-    return wait_all(procs, timeout_s=180)[0]
+    return run_short(tiny_model_dir, out, url, name, tag, [DIGITS, *extra], timeout_s=180)
 
 
 @pytest.mark.faults

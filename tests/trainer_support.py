@@ -138,6 +138,31 @@ def start_trainer(
     return procs
 
 
+def run_overrides(model_dir, out, name: str, url: str, *extra: str) -> list[str]:
+    """What every single-server trainer run of the tests sets: the model, RUN_DIR = out/name, the server, a
+    free weight-sync port and no TensorBoard; ``extra`` comes last, so it wins."""
+    return [
+        f"model.name_or_path={model_dir}",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        f"rollout.server_urls=[{url}]",
+        f"rollout.sync_master_port={free_port()}",
+        "logging.tensorboard=false",
+        *extra,
+    ]
+
+
+# A short run with a visible update: 4 steps at a large learning rate, a checkpoint at step 2 (the resume
+# tests crash after step 3), the debug probe of every server after each push.
+SHORT_RUN = ("optim.max_steps=4", "optim.lr=1e-2", "checkpoint.every_steps=2", "debug.probe_after_sync=true")
+
+
+def run_short(model_dir, out: Path, url: str, name: str, tag: str, extra=(), timeout_s: float = 240) -> int:
+    """One SHORT_RUN trainer process (its log: out/<tag>-rank0.log); returns its exit code."""
+    overrides = run_overrides(model_dir, out, name, url, *SHORT_RUN, *extra)
+    return wait_all(start_trainer(1, "configs/cpu-tiny-test.yaml", overrides, out, tag), timeout_s)[0]
+
+
 def wait_all(procs: list[subprocess.Popen], timeout_s: float) -> list[int]:
     """Exit codes of every process; kills them all and raises if the deadline passes."""
     deadline = time.monotonic() + timeout_s
