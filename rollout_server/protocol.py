@@ -19,7 +19,7 @@ at that token, computed BEFORE top-k / top-p truncation; for temperature 0 (gree
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -290,6 +290,22 @@ class WeightManifest(_Strict):
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    def mismatches(self, model: Mapping[str, tuple[str, list[int]]], limit: int = 5) -> list[str]:
+        """Every way this manifest disagrees with a served model given as name -> (dtype, shape); empty when
+        it fits. Each backend refuses a manifest with these (422) before any byte moves."""
+        problems = []
+        for t in self.tensors:
+            spec = model.get(t.name)
+            if spec is None:
+                problems.append(f"unknown tensor {t.name!r}")
+            elif list(spec[1]) != t.shape:
+                problems.append(f"tensor {t.name!r}: shape {t.shape} != model's {list(spec[1])}")
+            elif spec[0] != t.dtype:
+                problems.append(f"tensor {t.name!r}: dtype {t.dtype} != model's {spec[0]}")
+            if len(problems) >= limit:
+                break
+        return problems
 
     @classmethod
     def from_named_tensors(cls, named: Iterable[tuple[str, torch.Tensor]]) -> WeightManifest:

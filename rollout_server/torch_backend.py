@@ -23,7 +23,6 @@ from rollout_server.protocol import (
     InitWeightTransferResponse,
     UpdateWeightsRequest,
     UpdateWeightsResponse,
-    WeightManifest,
     cut_at_stop,
     dtype_name,
     plan_buckets,
@@ -41,22 +40,6 @@ from rollout_server.weight_transfer import (
 log = logging.getLogger("rollout_server")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def manifest_problems(manifest: WeightManifest, params: dict[str, torch.Tensor], limit: int = 5) -> list[str]:
-    """Every way the manifest disagrees with the served model (names, dtypes, shapes); empty when it fits."""
-    problems = []
-    for t in manifest.tensors:
-        p = params.get(t.name)
-        if p is None:
-            problems.append(f"unknown tensor {t.name!r}")
-        elif list(p.shape) != t.shape:
-            problems.append(f"tensor {t.name!r}: shape {t.shape} != model's {list(p.shape)}")
-        elif dtype_name(p.dtype) != t.dtype:
-            problems.append(f"tensor {t.name!r}: dtype {t.dtype} != model's {dtype_name(p.dtype)}")
-        if len(problems) >= limit:
-            break
-    return problems
 
 
 # Sampling settings only the vLLM backend implements, with their neutral value (the torch backend refuses others).
@@ -107,6 +90,8 @@ class TorchBackend(Backend):
         self.vocab_size = cfg.vocab_size
         # state_dict(keep_vars=True) lists tied weights under both names (embed + lm_head): both accepted.
         self.params: dict[str, torch.Tensor] = dict(self.model.state_dict(keep_vars=True))
+        # name -> (dtype, shape) of what a weight update must send (swaps keep both)
+        self.specs = {n: (dtype_name(p.dtype), list(p.shape)) for n, p in self.params.items()}
         self.weight_version = 0
         self._gen_lock = threading.Lock()  # held by a generation; the weight swap takes it
         self._update_lock = threading.Lock()  # one update at a time
@@ -198,7 +183,7 @@ class TorchBackend(Backend):
         group = self._group
         if group is None:
             raise BadRequest("no weight-transfer group: call /init_weight_transfer first", status=409)
-        problems = manifest_problems(req.manifest, self.params)
+        problems = req.manifest.mismatches(self.specs)
         if problems:
             raise BadRequest("manifest: " + "; ".join(problems), status=422)
         if not self._update_lock.acquire(blocking=False):

@@ -92,6 +92,26 @@ def test_buckets_are_byte_identical_to_vllm_packing():
     assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
+def test_manifest_mismatches_name_every_disagreement():
+    """The check both backends make before any byte moves (a 422 with these messages)."""
+    model = {"a": ("float32", [2, 3]), "b": ("bfloat16", [4])}
+    fits = P.WeightManifest(tensors=[P.TensorSpec(name="a", dtype="float32", shape=[2, 3])])
+    assert fits.mismatches(model) == []
+    bad = P.WeightManifest(
+        tensors=[
+            P.TensorSpec(name="a", dtype="float32", shape=[3, 2]),
+            P.TensorSpec(name="b", dtype="float32", shape=[4]),
+            P.TensorSpec(name="c", dtype="float32", shape=[1]),
+        ]
+    )
+    assert bad.mismatches(model) == [
+        "tensor 'a': shape [3, 2] != model's [2, 3]",
+        "tensor 'b': dtype float32 != model's bfloat16",
+        "unknown tensor 'c'",
+    ]
+    assert len(bad.mismatches(model, limit=2)) == 2
+
+
 def test_models_refuse_bad_input():
     with pytest.raises(ValueError, match="duplicate"):
         P.WeightManifest(tensors=[P.TensorSpec(name="a", dtype="float32", shape=[1])] * 2)
@@ -286,7 +306,7 @@ def test_vllm_engine_and_sampling_mapping():
 
 
 def test_vllm_weight_transfer_mapping():
-    from rollout_server.vllm_backend import init_info, update_info
+    from rollout_server.vllm_weights import init_info, update_info
 
     m = P.WeightManifest.from_named_tensors(mixed_named())
     upd = P.UpdateWeightsRequest(manifest=m, version=3, bucket_bytes=1 << 20, sync_id="s1")
