@@ -44,10 +44,13 @@ def _values_and_grads(fn, hidden, head, targets, w_lp, w_ent, with_entropy):
 @pytest.mark.parametrize("chunk_tokens", [1, 4, 7, 30, 1000])  # 7 does not divide B*T=30; 1000 > B*T
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("with_entropy", [False, True])
-def test_chunked_equals_naive_float64(chunk_tokens, temperature, with_entropy):
+@pytest.mark.parametrize("keep_logits_bytes", [0, 1 << 30], ids=["recompute", "keep"])
+def test_chunked_equals_naive_float64(chunk_tokens, temperature, with_entropy, keep_logits_bytes):
     hidden, head, targets, w_lp, w_ent = _setup(torch.float64)
     ours = _values_and_grads(
-        lambda h, m, y: chunked_token_logprobs(h, m, y, temperature, chunk_tokens, with_entropy),
+        lambda h, m, y: chunked_token_logprobs(
+            h, m, y, temperature, chunk_tokens, with_entropy, keep_logits_bytes=keep_logits_bytes
+        ),
         hidden, head, targets, w_lp, w_ent, with_entropy,
     )  # fmt: skip
     ref = _values_and_grads(
@@ -100,8 +103,10 @@ def test_no_grad_path_and_probability_sanity():
     torch.testing.assert_close(lp_all.exp().sum(0), torch.ones(30, dtype=torch.float64))
 
 
-def test_forward_never_saves_full_logits():
-    """What autograd keeps between forward and backward is at most the hidden states, never [B*T, V]."""
+@pytest.mark.parametrize("budget_logits", [1.0, 0.999])  # the budget as a fraction of the logits' bytes
+def test_logits_are_saved_for_backward_only_within_the_budget(budget_logits):
+    """What autograd keeps between forward and backward: above ``keep_logits_bytes`` at most the hidden
+    states, never [B*T, V] (every chunk is recomputed); within it, the chunks' logits (no recompute)."""
     b, t, h, v = 2, 64, 4, 500
     hidden, head, targets, *_ = _setup(torch.float32, b=b, t=t, h=h, v=v)
     hidden.requires_grad_(True)
@@ -111,9 +116,15 @@ def test_forward_never_saves_full_logits():
         saved_numels.append(x.numel())
         return x
 
+    budget = int(b * t * v * 4 * budget_logits)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        logp, _ = chunked_token_logprobs(hidden, head, targets, chunk_tokens=16, with_entropy=True)
-    assert saved_numels and max(saved_numels) <= b * t * h  # chunks of hidden, not logits (b*t*v = 64,000)
+        logp, _ = chunked_token_logprobs(
+            hidden, head, targets, chunk_tokens=16, with_entropy=True, keep_logits_bytes=budget
+        )
+    if budget_logits < 1:
+        assert saved_numels and max(saved_numels) <= b * t * h  # chunks of hidden, not logits (b*t*v = 64,000)
+    else:
+        assert max(saved_numels) == 16 * v  # each chunk's logits
     logp.sum().backward()
     assert hidden.grad is not None and head.weight.grad is not None
 
