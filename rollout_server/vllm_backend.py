@@ -12,7 +12,7 @@ Choices, and why:
   * `generation_config="vllm"`: otherwise vLLM applies the model's generation_config.json defaults (Qwen2.5
     ships repetition_penalty=1.05, top_k=20, top_p=0.8) to every field a request leaves unset, and the
     returned log-probs would no longer be what the trainer recomputes.
-  * Weights go through vLLM's public lifecycle (`init_weight_transfer_engine`, `start_weight_update`,
+  * Weights (rollout_server/vllm_weights.py, `VLLMWeightReceiver`) go through vLLM's public lifecycle (`init_weight_transfer_engine`, `start_weight_update`,
     `update_weights`, `finish_weight_update`) with a registered transfer engine chosen by the device:
     on GPU vLLM's own `nccl` engine, packed, with `packed_buffer_size_bytes` = our `bucket_bytes` (vLLM fixes
     it at init, so an update with another `bucket_bytes` is refused with 422; the trainer joins with vLLM's
@@ -40,11 +40,10 @@ import argparse
 import asyncio
 import logging
 import threading
-import time
 import uuid
 from typing import Any
 
-from rollout_server.backend import Backend, BackendInfo, BadRequest
+from rollout_server.backend import Backend, BackendInfo
 from rollout_server.protocol import (
     Completion,
     GenerateRequest,
@@ -52,14 +51,13 @@ from rollout_server.protocol import (
     InitWeightTransferResponse,
     UpdateWeightsRequest,
     UpdateWeightsResponse,
-    plan_buckets,
 )
+from rollout_server.vllm_weights import GLOO_ENGINE, VLLMWeightReceiver, checkpoint_specs
 
 log = logging.getLogger("rollout_server")
 
 DEFAULT_BUCKET_BYTES = 256 << 20
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
-GLOO_ENGINE = "grpo_gloo"  # vllm_gloo_engine.ENGINE_NAME (not imported here: that module is for workers)
 
 
 # ---- pure translations (no vllm import) --------------------------------------------------------------------
@@ -131,57 +129,11 @@ def prompt_seed(seed: int | None, prompt_index: int, n: int) -> int | None:
     return None if seed is None else (seed * 1_000_003 + prompt_index * n) % (2**62)
 
 
-def init_info(req: InitWeightTransferRequest, bucket_bytes: int, engine: str = "nccl") -> dict[str, Any]:
-    """Our InitWeightTransferRequest -> the registered engine's init-info fields (NCCL or our gloo)."""
-    if engine == GLOO_ENGINE:
-        return {
-            "master_address": req.master_addr,
-            "master_port": req.master_port,
-            "rank_offset": req.rank,
-            "world_size": req.world_size,
-            "timeout_s": req.timeout_s,
-        }
-    return {
-        "master_address": req.master_addr,
-        "master_port": req.master_port,
-        "rank_offset": req.rank,
-        "world_size": req.world_size,
-        "packed": True,
-        "packed_buffer_size_bytes": bucket_bytes,
-        "packed_num_buffers": 2,
-    }
-
-
-def update_info(req: UpdateWeightsRequest, engine: str = "nccl") -> dict[str, Any]:
-    """Our update request -> the engine's update-info fields (manifest order; gloo also takes the bucket
-    size and the deadline, which the NCCL engine fixes at init)."""
-    manifest = req.manifest
-    info: dict[str, Any] = {
-        "names": [t.name for t in manifest.tensors],
-        "dtype_names": [t.dtype for t in manifest.tensors],
-        "shapes": [list(t.shape) for t in manifest.tensors],
-    }
-    if engine == GLOO_ENGINE:
-        info.update(bucket_bytes=req.bucket_bytes, sync_id=req.sync_id, timeout_s=req.timeout_s)
-    return info
-
-
 def finish_reason(vllm_reason: str | None) -> str:
     """vLLM's finish reasons -> ours; 'abort' (engine paused/shut down mid-request) is an error."""
     if vllm_reason in ("stop", "length"):
         return vllm_reason
     raise RuntimeError(f"generation ended with finish_reason={vllm_reason!r}")
-
-
-def checkpoint_specs(model: str, dtype: str) -> dict[str, tuple[str, list[int]]]:
-    """Names, dtypes and shapes of the HF checkpoint (what vLLM's load_weights takes), built on 'meta'."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(model)
-    with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
-    return {n: (str(t.dtype).split(".")[-1], list(t.shape)) for n, t in m.state_dict().items()}
 
 
 # ---- the backend --------------------------------------------------------------------------------------------
@@ -215,7 +167,6 @@ class VLLMBackend(Backend):
         mc = self.engine.model_config
         self._tok = self.engine.get_tokenizer()
         self.dtype = str(mc.dtype).split(".")[-1]
-        self.specs = checkpoint_specs(kwargs["model"], self.dtype)
         eos = self._tok.eos_token_id
         gloo = self.transfer_engine == GLOO_ENGINE
         self.info = BackendInfo(
@@ -229,11 +180,14 @@ class VLLMBackend(Backend):
             max_concurrency=256,
         )
         self.vocab_size = mc.get_vocab_size()
-        self.bucket_bytes = bucket_bytes
-        self.weight_version = 0
-        self._store = None
-        self._rank = 0
-        self._update_lock = threading.Lock()
+        self.weights = VLLMWeightReceiver(
+            self.engine,
+            self._run,
+            self.info,
+            self.transfer_engine,
+            bucket_bytes,
+            checkpoint_specs(kwargs["model"], self.dtype),
+        )
 
     @staticmethod
     async def _make(cls, engine_args):
@@ -310,7 +264,7 @@ class VLLMBackend(Backend):
             return out
 
         outs = await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompt_ids)))
-        version = self.weight_version
+        version = self.weights.version
         comps = []
         for i, outputs in enumerate(outs):
             for c in outputs:
@@ -332,122 +286,23 @@ class VLLMBackend(Backend):
                     )
         return comps
 
-    # ---- weight transfer ----------------------------------------------------------------------------------
+    # ---- weight transfer (rollout_server/vllm_weights.py) --------------------------------------------------
+    @property
+    def weight_version(self) -> int:
+        return self.weights.version
+
     @property
     def has_weight_transfer(self) -> bool:
-        return self._store is not None
+        return self.weights.has_group
 
     def init_weight_transfer(self, req: InitWeightTransferRequest) -> InitWeightTransferResponse:
-        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
-
-        from rollout_server.weight_transfer import open_store
-
-        want = "gloo" if self.transfer_engine == GLOO_ENGINE else "nccl"
-        if req.backend != want:
-            raise BadRequest(f"backend: this vLLM server receives weights over {want!r}, not {req.backend!r}")
-        with self._update_lock:
-            self._store = open_store(req.master_addr, req.master_port, False, req.timeout_s)
-            self._rank = req.rank
-            info = init_info(req, self.bucket_bytes, self.transfer_engine)
-            request = WeightTransferInitRequest(init_info=info)
-            self._run(self.engine.init_weight_transfer_engine(request), timeout=req.timeout_s + 30)
-        return InitWeightTransferResponse(
-            rank=req.rank, world_size=req.world_size, backend=want, wire=self.info.transfer_wire
-        )
+        return self.weights.init(req)
 
     def close_weight_transfer(self) -> None:
-        if self._store is not None:
-            self._drop_transfer_group()
+        self.weights.close()
 
     def update_weights(self, req: UpdateWeightsRequest) -> UpdateWeightsResponse:
-        from rollout_server.weight_transfer import TransferGroup, WeightTransferError, server_wait_go
-
-        if self._store is None:
-            raise BadRequest("no weight-transfer group: call /init_weight_transfer first", status=409)
-        problems = []
-        for t in req.manifest.tensors:
-            spec = self.specs.get(t.name)
-            if spec is None:
-                problems.append(f"unknown tensor {t.name!r}")
-            elif spec != (t.dtype, t.shape):
-                problems.append(f"tensor {t.name!r}: {t.dtype} {t.shape} != model's {spec[0]} {spec[1]}")
-        if problems:
-            raise BadRequest("manifest: " + "; ".join(problems[:5]), status=422)
-        if self.info.required_bucket_bytes is not None and req.bucket_bytes != self.bucket_bytes:
-            raise BadRequest(
-                f"bucket_bytes: {req.bucket_bytes} != {self.bucket_bytes} fixed by --weight-transfer-bucket-bytes",
-                status=422,
-            )
-        if not self._update_lock.acquire(blocking=False):
-            raise BadRequest("another weight update is in progress", status=409)
-        try:
-            t0 = time.monotonic()
-            handle = TransferGroup(self._store, None, self._rank, 0, "nccl", req.timeout_s, None)
-            if not server_wait_go(handle, req.sync_id, req.timeout_s):
-                raise BadRequest(
-                    "update aborted by the trainer (another server refused the manifest)", status=409
-                )
-            t1 = time.monotonic()
-            try:
-                self._run(self._receive(req), timeout=req.timeout_s + 60)
-            except Exception as e:
-                # The group is unusable after a failed collective: drop it so the trainer re-inits.
-                self._drop_transfer_group()
-                raise WeightTransferError(f"receive failed: {type(e).__name__}: {e}") from e
-            t2 = time.monotonic()
-            return UpdateWeightsResponse(
-                version=req.version,
-                num_tensors=len(req.manifest.tensors),
-                num_buckets=len(plan_buckets(req.manifest, req.bucket_bytes)),
-                bytes=req.manifest.total_bytes,
-                handshake_s=t1 - t0,
-                receive_s=t2 - t1,
-                swap_s=0.0,
-            )
-        finally:
-            self._update_lock.release()
-
-    def _drop_transfer_group(self) -> None:
-        try:
-            self._run(self.engine.shutdown_weight_transfer_engine(), timeout=60)
-        except Exception as e:  # best effort: the group is being abandoned anyway
-            log.warning("closing the weight-transfer engine after a failed update: %s", e)
-        self._store = None
-
-    def _check_received(self, req: UpdateWeightsRequest) -> None:
-        """Our gloo engine reports each worker's outcome in the trainer's store (it must not raise)."""
-        from rollout_server.weight_transfer import WeightTransferError, received_key
-
-        for tp_rank in range(self.info.transfer_ranks):
-            key = received_key(req.sync_id, self._rank + tp_rank)
-            try:
-                outcome = self._store.get(key).decode()
-            except Exception as e:
-                raise WeightTransferError(f"worker {tp_rank} reported no outcome ({e})") from e
-            if outcome != "ok":
-                raise WeightTransferError(f"worker {tp_rank}: {outcome}")
-
-    async def _receive(self, req: UpdateWeightsRequest) -> None:
-        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
-
-        await self.engine.pause_generation(mode="wait", clear_cache=True)
-        try:
-            await self.engine.start_weight_update()
-            ok = False
-            try:
-                update = WeightTransferUpdateRequest(update_info=update_info(req, self.transfer_engine))
-                await asyncio.wait_for(self.engine.update_weights(update), timeout=req.timeout_s + 30)
-                if self.transfer_engine == GLOO_ENGINE:
-                    self._check_received(req)
-                ok = True
-            finally:
-                # Always end the update session (vLLM refuses to start another one otherwise). After a
-                # failed gloo receive nothing was loaded, and finishing puts the old weights back.
-                await self.engine.finish_weight_update(weight_version=str(req.version) if ok else None)
-            await self.engine.reset_prefix_cache()
-            self.weight_version = req.version
-        finally:
-            await self.engine.resume_generation()
+        return self.weights.update(req)
 
     def pause(self) -> None:
         self._run(self.engine.pause_generation(mode="keep", clear_cache=False), timeout=300)
