@@ -108,10 +108,10 @@ def _engine_classes():
 
             info = self.parse_update_info(update_info)
             try:
-                self.receive_weights(info)
+                wire_s = self.receive_weights(info)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                outcome = "ok"
+                outcome = f"ok {wire_s:.6f}"  # the server splits the update's time into wire and load
             except Exception as e:
                 outcome = f"{type(e).__name__}: {e}"
                 logger.warning("weight update %s not received: %s", info.sync_id, outcome)
@@ -120,7 +120,8 @@ def _engine_classes():
             except Exception as e:  # the trainer (store host) is gone: the server reads no "ok" and fails
                 logger.warning("could not report the outcome of update %s: %s", info.sync_id, e)
 
-        def receive_weights(self, update_info: GlooUpdateInfo) -> None:
+        def receive_weights(self, update_info: GlooUpdateInfo) -> float:
+            """Receive every bucket, then load them; returns the seconds the buckets took on the wire."""
             from rollout_server.protocol import TensorSpec, WeightManifest, plan_buckets
             from rollout_server.weight_transfer import WeightTransferError, server_receive
 
@@ -140,8 +141,11 @@ def _engine_classes():
             # finish_weight_update (always called) puts the old weights back. Each bucket has its own
             # buffer, so the unpacked views stay valid until the load. Costs one model copy of RAM.
             staged: list[tuple[str, torch.Tensor]] = []
+            t0 = time.monotonic()
             server_receive(self.group, manifest, buckets, deadline, staged.extend)
+            wire_s = time.monotonic() - t0
             self.model.load_weights(staged)
+            return wire_s
 
         def shutdown(self) -> None:
             if self.group is not None:

@@ -141,6 +141,7 @@ def bench_sync_into_vllm(args, model_dir: Path) -> list[str]:
         sync.init_transfer("127.0.0.1", free_port(), backend="gloo", timeout_s=120)
         sync.push(manifest, iter(named), version=1, bucket_bytes=args.bucket_mib << 20)  # warm-up
         raw_t, push_t, first_token = [], [], []
+        parts: dict[str, list[float]] = {"handshake": [], "wire": [], "load": []}
         one_token = {"prompt_token_ids": [[11, 12, 13]], "max_tokens": 1, "temperature": 0}
         for rep in range(args.repeats):
             t0 = time.perf_counter()
@@ -149,6 +150,11 @@ def bench_sync_into_vllm(args, model_dir: Path) -> list[str]:
             t0 = time.perf_counter()
             res = sync.push(manifest, iter(named), version=rep + 2, bucket_bytes=args.bucket_mib << 20)
             push_t.append(res.seconds)
+            parts["handshake"].append(res.handshake_s)
+            parts["wire"].append(
+                res.servers[0].receive_s
+            )  # buckets on the wire, as the server's worker saw it
+            parts["load"].append(res.servers[0].swap_s)  # pause, vLLM's layer-wise reload, finalise, resume
             r = httpx.post(url + "/generate", json=one_token, timeout=300).json()
             first_token.append(time.perf_counter() - t0)
             assert r["weight_version"] == rep + 2, r
@@ -168,6 +174,15 @@ def bench_sync_into_vllm(args, model_dir: Path) -> list[str]:
         f"{med(raw_t) * 1e3:.0f} ms | 1.00x / 1.00x |",
         f"| push into vLLM ({len(named)} tensors, {args.bucket_mib} MiB buckets) | {min(push_t) * 1e3:.0f} ms | "
         f"{med(push_t) * 1e3:.0f} ms | {min(push_t) / min(raw_t):.2f}x / {med(push_t) / med(raw_t):.2f}x |",
+        *(
+            f"| - of which {what} | {min(v) * 1e3:.0f} ms | {med(v) * 1e3:.0f} ms | "
+            f"{min(v) / min(raw_t):.2f}x / {med(v) / med(raw_t):.2f}x |"
+            for what, v in (
+                ("the handshake (HTTP + store)", parts["handshake"]),
+                ("the buckets on the wire (server side)", parts["wire"]),
+                ("loading into vLLM (pause, layer-wise reload, resume)", parts["load"]),
+            )
+        ),
         f"| push start -> first token on the new weights | {min(first_token) * 1e3:.0f} ms | "
         f"{med(first_token) * 1e3:.0f} ms | |",
     ]
@@ -185,16 +200,19 @@ def main() -> None:
     p.add_argument("--bucket-mib", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-big", action="store_true", help="Only the demo model.")
+    p.add_argument("--sync-only", action="store_true", help="Only the weight sync (on the larger model).")
     args = p.parse_args()
     models = model_dirs(args)
     if args.skip_big:
         models = models[:1]
+    if args.sync_only:
+        models = models[-1:]
     print(
         f"\n### vLLM (CPU) vs our torch backend: {args.prompts} prompts x {args.samples} x {args.tokens} tokens "
         f"(EOS ignored), best and median of {args.repeats}, requests alternating\n"
     )
     print("| model | backend | tokens/s (best) | tokens/s (median) | start-up |\n|---|---|---|---|---|")
-    for label, path in models:
+    for label, path in [] if args.sync_only else models:
         for row in bench_generation(args, label, path):
             print(row, flush=True)
     print(f"\n### Weight sync into vLLM over gloo ({models[-1][0]}), {args.repeats} alternating runs\n")

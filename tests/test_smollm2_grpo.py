@@ -149,9 +149,13 @@ def test_two_grpo_steps_sync_into_vllm(smollm2_dir, gsm8k_dir, tmp_path):
         f"max |server - export| log-prob {lp_diff:.2e}; max |server - base| log-prob {moved:.2e}\n"
         + "\n".join(
             f"step {m['step']}: generate {m['time/generate']:.1f} s, train {m['time/train']:.1f} s, "
-            f"sync {m['time/sync']:.1f} s, step {m['time/step']:.1f} s, reward {m['reward/total/mean']:.3f}"
+            f"sync {m['time/sync']:.1f} s (server: wire {m['sync/server_receive_s']:.2f} s, load into vLLM "
+            f"{m['sync/server_load_s']:.2f} s), step {m['time/step']:.1f} s, reward {m['reward/total/mean']:.3f}"
             for m in metrics
         )
     )
     assert lp_diff < LOGPROB_ATOL
+    for m in metrics:  # vLLM's side of each push, split by our gloo engine, fits inside the push
+        assert 0 < m["sync/server_receive_s"] and 0 < m["sync/server_load_s"]
+        assert m["sync/server_receive_s"] + m["sync/server_load_s"] <= m["sync/seconds"]
     assert changed and moved > MOVED_MIN, f"step-2 weights barely moved: max log-prob change {moved:.2e}"

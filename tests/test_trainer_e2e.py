@@ -221,12 +221,17 @@ def test_run_folder_layout_and_logs(e2e_run, capsys):
         "time/reward",
         "time/train",
         "time/sync",
+        "sync/server_receive_s",
+        "sync/server_load_s",
         "tokens_per_s",
         "reward_failures/total",
         "skipped_steps",
     ):
         assert key in m, key
     assert m["reward/digit_fraction/std"] > 0
+    # The servers' side of the push (wire, then swap; the slowest server's each) within the push the trainer timed.
+    assert 0 < m["sync/server_receive_s"] <= m["sync/seconds"]
+    assert 0 < m["sync/server_load_s"] <= m["sync/seconds"]
     assert (
         m["kl"] == 0.0 and read_jsonl(e2e_run / "metrics.jsonl")[1]["kl"] > 0
     )  # policy == reference at step 1 only

@@ -1,11 +1,14 @@
 """One step's metrics row (RUN_DIR/metrics.jsonl), its log line, and the sampled completions (rank 0).
 
-Key families: ``reward/*``, ``accuracy``, ``completion_length/*``, ``truncated/*`` come from the score stage;
-``train/*`` from the loss (trainer/loss.py ``loss_metric_keys``); ``sync/*`` from the weight sync; the rest
-is written here. Times: ``time/generate`` and ``time/reward`` ran on the rollout side (overlapped with the
-previous step's training when ``rollout.max_off_policy_steps`` > 0), ``time/wait_rollout`` is how long the
-update side sat idle waiting for the batch, ``time/train`` and ``time/sync`` are the update side's own work.
-``weight_version/lag`` is how many optimizer steps older than the trained weights the sampling weights were.
+Key families: ``reward/*``, ``accuracy``, ``completion_length/*``, ``truncated/*`` come from the scoring;
+``train/*`` from the loss (trainer/loss.py ``loss_metric_keys``); ``sync/*`` from the weight sync
+(trainer/weight_sync.py: the whole push, its handshake and send, and for the slowest server
+``sync/server_receive_s``, the bytes on the wire, and ``sync/server_load_s``, putting them into its engine);
+the rest is written here. Times: ``time/generate`` and ``time/reward`` ran on the rollout side (overlapped
+with the previous step's training when ``rollout.max_off_policy_steps`` > 0), ``time/wait_rollout`` is how
+long the update side sat idle waiting for the batch, ``time/train`` and ``time/sync`` are the update side's
+own work. ``weight_version/lag`` is how many optimizer steps older than the trained weights the sampling
+weights were.
 """
 
 from __future__ import annotations

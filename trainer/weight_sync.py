@@ -197,6 +197,9 @@ class WeightSync:
                     "sync/send_s": stats.send_s,
                     "sync/bytes": float(stats.bytes),
                     "sync/buckets": float(stats.num_buckets),
+                    # where a server's time went (the slowest server): bytes on the wire, then loading them
+                    "sync/server_receive_s": max((r.receive_s for r in stats.servers), default=0.0),
+                    "sync/server_load_s": max((r.swap_s for r in stats.servers), default=0.0),
                 }
             except Exception as e:
                 result = (
