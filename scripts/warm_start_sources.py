@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(correct {s['correct_frac']:.1%}, strict format {s['strict_format_frac']:.1%}, "
         f"{s['prompts_with_a_kept_example']} of {len(rows)} prompts) | {minutes:.1f} min of sampling |"
     )
-    print(f"| gsm8k_solutions | {solutions} (every prompt) | none |")
+    every = " (every prompt)" if solutions == len(rows) else f" of {len(rows)} prompts"
+    print(f"| gsm8k_solutions | {solutions}{every} | none |")
     if a.out:
         Path(a.out).write_text(json.dumps(summary, indent=1))
     return 0

@@ -128,3 +128,37 @@ def test_warm_start_raises_format_reward_on_cpu_demo(tiny_model_dir, tmp_path):
     )
     assert warm_fmt > base_fmt
     assert warm_fmt >= 0.25  # a clear gain, not noise: the random base model essentially never formats
+
+
+@pytest.mark.slow
+def test_warm_start_sources_script_counts_what_each_source_gives(tiny_model_dir, tmp_path):
+    """scripts/warm_start_sources.py against a real (torch) rollout server: the counts add up, and every
+    sampled prompt's worked solution is counted (the CPU demo's arithmetic rows carry one too)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "sources.json"
+    cmd = [
+        sys.executable,
+        "scripts/warm_start_sources.py",
+        "--config",
+        "configs/cpu-demo.yaml",
+        "--prompts",
+        "4",
+        "--samples",
+        "3",
+        "--backend",
+        "torch",
+        "--out",
+        str(out),
+        f"model.name_or_path={tiny_model_dir}",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    s = summary["sample"]
+    assert summary["prompts"] == 4 and s["completions"] == 12
+    assert s["kept"] <= min(s["correct"], s["strict_format"]) and s["truncated"] <= 12
+    assert 0 <= s["prompts_with_a_kept_example"] <= 4 and s["sampling_minutes"] > 0
+    assert summary["gsm8k_solutions"]["examples"] == 4
+    assert "| sample (3 per prompt" in res.stdout and "| gsm8k_solutions | 4 (every prompt) |" in res.stdout
