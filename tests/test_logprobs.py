@@ -122,7 +122,8 @@ def test_logits_are_saved_for_backward_only_within_the_budget(budget_logits):
             hidden, head, targets, chunk_tokens=16, with_entropy=True, keep_logits_bytes=budget
         )
     if budget_logits < 1:
-        assert saved_numels and max(saved_numels) <= b * t * h  # chunks of hidden, not logits (b*t*v = 64,000)
+        # chunks of hidden, never logits (b*t*v = 64,000)
+        assert saved_numels and max(saved_numels) <= b * t * h
     else:
         assert max(saved_numels) == 16 * v  # each chunk's logits
     logp.sum().backward()
