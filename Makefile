@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export RAY_AUTH_MODE ?= disabled
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: install test test-fast test-slow test-faults lint format launch bench bench-logprobs bench-rollout bench-train bench-load bench-vs-trl eval sft ui clean
+.PHONY: install test test-fast test-slow test-faults lint format launch bench bench-logprobs bench-rollout bench-train bench-update bench-load bench-vs-trl eval sft ui clean
 
 .venv/.installed: pyproject.toml constraints.txt scripts/setup_env.sh
 	bash scripts/setup_env.sh
@@ -39,7 +39,7 @@ format: install
 launch: install
 	$(PY) -m launch --config $(CONFIG) $(ARGS)
 
-bench: bench-logprobs bench-rollout bench-train
+bench: bench-logprobs bench-rollout bench-train bench-update
 
 bench-logprobs: install
 	$(PY) scripts/bench_logprobs.py
@@ -50,6 +50,10 @@ bench-rollout: install
 
 bench-train: install
 	$(PY) scripts/bench_train.py
+
+# The update side alone, prompts shared (each prompt through the model once) against not (ARGS="--tokens 256").
+bench-update: install
+	$(PY) scripts/bench_update.py $(ARGS)
 
 # N concurrent OpenAI-SDK clients against a real rollout server for a fixed time (ARGS="--backend vllm").
 bench-load: install

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from trainer.logprobs import chunked_token_logprobs, completion_logprobs
+from trainer.logprobs import chunked_token_logprobs, completion_logprobs, grouped_completion_logprobs
 
 
 def _naive(hidden, head, targets, temperature):
@@ -193,6 +193,75 @@ def test_left_padding_does_not_change_completion_logprobs():
             row = torch.cat([prompt, completion[i]]).unsqueeze(0)
             alone, _ = completion_logprobs(model, row, torch.ones_like(row), 4)
             torch.testing.assert_close(padded[i], alone[0], rtol=1e-9, atol=1e-9)
+
+
+def _grouped_batch():
+    """Two distinct prompts (5 and 3 tokens, left-padded) continued by 5 rows of 1-4 completion tokens."""
+    g = torch.Generator().manual_seed(2)
+    prompt_ids = torch.zeros(2, 5, dtype=torch.long)
+    prompt_mask = torch.zeros(2, 5, dtype=torch.long)
+    prompt_ids[0] = torch.randint(1, 256, (5,), generator=g)
+    prompt_mask[0] = 1
+    prompt_ids[1, 2:] = torch.randint(1, 256, (3,), generator=g)
+    prompt_mask[1, 2:] = 1
+    index = torch.tensor([0, 0, 1, 0, 1])
+    completion_ids = torch.randint(1, 256, (5, 4), generator=g)
+    completion_attn = torch.ones(5, 4, dtype=torch.long)
+    for row, length in ((1, 2), (2, 1), (4, 3)):
+        completion_attn[row, length:] = 0
+        completion_ids[row, length:] = 0
+    return prompt_ids, prompt_mask, index, completion_ids, completion_attn
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prompts_give_the_same_logprobs_and_gradients_as_full_rows(temperature):
+    """Each prompt once + its rows on its cached keys/values == every row as prompt + completion."""
+    model = _tiny_qwen2()
+    batch = _grouped_batch()
+    real = batch[4].bool()
+    weights = torch.linspace(-1, 1, 20, dtype=torch.float64).view(5, 4)
+    results = []
+    for share in (True, False):
+        model.zero_grad()
+        logp, entropy = grouped_completion_logprobs(
+            model, *batch, temperature=temperature, chunk_tokens=3, with_entropy=True, share_prompts=share
+        )
+        ((logp + 0.3 * entropy) * weights * real).sum().backward()
+        results.append(
+            (logp.detach(), entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        )
+    (lp_s, ent_s, grads_s), (lp_f, ent_f, grads_f) = results
+    torch.testing.assert_close(lp_s[real], lp_f[real], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ent_s[real], ent_f[real], rtol=1e-10, atol=1e-10)
+    # Gradients agree to float32 rounding, not float64's: HF's RMSNorm computes in float32 even in a float64
+    # model, and the shared path sums a prompt's gradient over its rows before that norm, the full rows after.
+    for name in grads_f:
+        scale = grads_f[name].abs().max()
+        torch.testing.assert_close(grads_s[name], grads_f[name], rtol=0, atol=float(scale) * 1e-6, msg=name)
+    assert grads_s["model.embed_tokens.weight"].abs().max() > 0
+    # and the full rows are the naive reference's (tested above), so the shared path is too: spot-check a row
+    ids = torch.cat([batch[0][0], batch[3][0]]).unsqueeze(0)  # row 0: prompt 0 (no padding) + 4 tokens
+    alone, _ = completion_logprobs(model, ids, torch.ones_like(ids), 4, temperature)
+    torch.testing.assert_close(lp_s[0], alone[0].detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_shared_prompts_run_each_prompt_once_unless_checkpointing():
+    model = _tiny_qwen2()
+    shapes = []
+    model.model.embed_tokens.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    batch = _grouped_batch()
+    with torch.no_grad():
+        grouped_completion_logprobs(model, *batch, share_prompts=True)
+        assert shapes == [(2, 5), (5, 4)]  # 2 prompts once, then 5 rows of completion tokens
+        shapes.clear()
+        grouped_completion_logprobs(model, *batch, share_prompts=False)
+        assert shapes == [(5, 9)]
+    shapes.clear()
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    logp, _ = grouped_completion_logprobs(model, *batch, share_prompts=True)
+    logp.sum().backward()
+    assert shapes[0] == (5, 9)  # recomputing layers would re-append to a cache: full rows instead
 
 
 def test_rejects_bad_arguments():

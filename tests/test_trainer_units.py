@@ -45,12 +45,16 @@ def test_micro_batches_respect_the_token_budget():
 
 
 def test_collate_pads_prompt_left_completion_right():
-    rows = [_row(3, 2, adv=0.5), _row(1, 4, adv=-1.0, mask=False)]
+    rows = [_row(3, 2, adv=0.5), _row(1, 4, adv=-1.0, mask=False), _row(3, 1)]
     mb = collate(rows, pad_id=0, device=torch.device("cpu"))
-    assert mb.input_ids.tolist() == [[1, 2, 3, 100, 101, 0, 0], [0, 0, 1, 100, 101, 102, 103]]
-    assert mb.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1]]
-    assert mb.completion_mask.tolist() == [[1, 1, 0, 0], [0, 0, 0, 0]]  # row 2 masked out of the loss
-    assert mb.advantages.tolist() == [0.5, -1.0]
+    # rows 0 and 2 continue the same prompt: it is stored once
+    assert mb.prompt_ids.tolist() == [[1, 2, 3], [0, 0, 1]]
+    assert mb.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert mb.prompt_index.tolist() == [0, 1, 0]
+    assert mb.completion_ids.tolist() == [[100, 101, 0, 0], [100, 101, 102, 103], [100, 0, 0, 0]]
+    assert mb.completion_attn.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert mb.completion_mask.tolist() == [[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]]  # row 1: not in the loss
+    assert mb.advantages.tolist() == [0.5, -1.0, 1.0]
     assert mb.rollout_logprobs[0, :2].tolist() == [-0.5, -0.5] and math.isnan(mb.rollout_logprobs[0, 2])
     assert mb.num_completion_tokens == 4
 

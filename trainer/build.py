@@ -97,6 +97,7 @@ def _build_update_side(c: Components, info: DistInfo) -> None:
         world_size=c.world,
         device=info.device,
         ref_model=ref,
+        share_prompts=cfg.optim.share_prompt_forward,
     )
     r = cfg.rollout
     train_dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32

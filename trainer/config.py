@@ -195,6 +195,12 @@ class OptimConfig(Section):
         le=1 << 24,
         description="Token budget of one micro-batch per rank (rows x padded prompt+completion length).",
     )
+    share_prompt_forward: bool = Field(
+        True,
+        description="Run each distinct prompt of a micro-batch through the model once and score its "
+        "completions on its cached keys/values (same log-probs and gradients, G-1 fewer copies of every "
+        "prompt). Off: every row is prompt + completion. Has no effect with model.gradient_checkpointing.",
+    )
 
     @field_validator("betas")
     @classmethod

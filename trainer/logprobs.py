@@ -18,6 +18,13 @@ log-softmax matrix nor builds the one-hot scatter that ``log_softmax(...).gather
 Convention (shared with the rollout servers, see ARCHITECTURE.md): ``log_softmax(logits / temperature)``,
 computed in float32 whatever the model dtype.
 
+Shared prompts: GRPO scores G completions of each prompt, so a micro-batch's [B, prompt + completion] input
+repeats every prompt G times. ``grouped_completion_logprobs`` runs each distinct prompt once (keeping its
+keys/values, with their autograd history), selects them per row, and runs only the completion tokens on top:
+the same log-probs and gradients (the selection's backward sums the rows' gradients into the prompt pass),
+with B x prompt fewer tokens through the body. Not under gradient checkpointing: recomputing a layer would
+append its keys to the cache a second time.
+
 ZeRO-3: ``head`` is *called* (``head(hidden_chunk)``), never read through ``.weight``, because a partitioned
 weight is only gathered inside the module's forward. The head is therefore called once per chunk in forward
 and once more per chunk in backward; with ZeRO-3 each call gathers the head weight (use large chunks, or wrap
@@ -185,6 +192,77 @@ def completion_logprobs(
         hidden,
         model.get_output_embeddings(),
         targets,
+        temperature=temperature,
+        chunk_tokens=chunk_tokens,
+        with_entropy=with_entropy,
+    )
+
+
+def _prompt_sharing_possible(body: torch.nn.Module) -> bool:
+    """The two-pass path needs a cache that records autograd history; HF gradient checkpointing recomputes
+    layers (and would re-append to the cache) and turns ``use_cache`` off while training."""
+    return not (getattr(body, "gradient_checkpointing", False) and body.training)
+
+
+def grouped_completion_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    prompt_index: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_attn: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    with_entropy: bool = False,
+    share_prompts: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of completions whose prompts are given once each: row b continues prompt ``prompt_index[b]``.
+
+    prompt_ids / prompt_mask [U, Lp] (left-padded distinct prompts), prompt_index [B] (long), completion_ids /
+    completion_attn [B, K] (right-padded). Returns what ``completion_logprobs`` returns for the concatenated
+    rows (logprobs [B, K], entropy [B, K] or None). With ``share_prompts`` each prompt goes through the body
+    once and its rows attend to its cached keys/values; otherwise the rows are concatenated and scored in one
+    pass. The choice never depends on the data (not even when no prompt repeats): under ZeRO-3 every rank
+    must call the body the same number of times, since each call all-gathers the partitioned weights.
+    """
+    k = completion_ids.shape[1]
+    body = model.get_decoder()
+    if not share_prompts or not _prompt_sharing_possible(body):
+        ids = torch.cat([prompt_ids[prompt_index], completion_ids], dim=1)  # [B, Lp + K]
+        attn = torch.cat([prompt_mask[prompt_index], completion_attn], dim=1)  # [B, Lp + K]
+        return completion_logprobs(model, ids, attn, k, temperature, chunk_tokens, with_entropy)
+    from transformers import DynamicCache
+
+    # 1. Each distinct prompt once; position ids count real tokens (as in ``completion_logprobs``).
+    prompt_pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # [U, Lp]
+    cache = DynamicCache(config=getattr(body, "config", None))
+    prompt_out = body(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=prompt_pos,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    # 2. Row b's copy of its prompt's keys/values (indexing is differentiable: backward sums over rows).
+    cache.batch_select_indices(prompt_index)
+    prompt_len = prompt_mask.long().sum(-1)[prompt_index]  # [B]
+    completion_pos = prompt_len[:, None] + torch.arange(k, device=completion_ids.device)[None]  # [B, K]
+    attn = torch.cat([prompt_mask[prompt_index], completion_attn], dim=1)  # [B, Lp + K]
+    completion_out = body(
+        input_ids=completion_ids,
+        attention_mask=attn,
+        position_ids=completion_pos,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    # 3. The prompt's last state predicts completion token 0; completion state t predicts token t + 1.
+    first = prompt_out.last_hidden_state[prompt_index, -1:]  # [B, 1, H] (left padding: -1 is the last token)
+    hidden = torch.cat([first, completion_out.last_hidden_state[:, : k - 1]], dim=1)  # [B, K, H]
+    del cache, prompt_out, completion_out
+    return chunked_token_logprobs(
+        hidden,
+        model.get_output_embeddings(),
+        completion_ids,
         temperature=temperature,
         chunk_tokens=chunk_tokens,
         with_entropy=with_entropy,

@@ -5,7 +5,10 @@ How a step runs on every rank:
    (greedy, longest first; deterministic, so every rank computes the same split without talking).
 2. ``plan_micro_batches``: the rank's rows are packed into micro-batches whose padded size
    (rows x (longest prompt + longest completion)) stays within ``micro_batch_tokens``, so 4k-token completions
-   go one or two per micro-batch while short ones are packed by the dozen.
+   go one or two per micro-batch while short ones are packed by the dozen. ``collate`` stores each distinct
+   prompt once; with ``share_prompts`` the log-prob pass runs it once and scores its completions on its cached
+   keys/values (``trainer/logprobs.grouped_completion_logprobs``): the budget above still counts every row
+   as prompt + completion, so sharing only ever makes a micro-batch smaller than planned.
 3. All ranks must run the same number of forward/backward passes (ZeRO gathers parameters in forward and
    reduce-scatters gradients in backward), so the micro-batch count is max-reduced and short ranks run
    padding passes whose loss is multiplied by 0.
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trainer.distributed import all_reduce_scalar
-from trainer.logprobs import completion_logprobs
+from trainer.logprobs import grouped_completion_logprobs
 from trainer.loss import LossConfig, LossNormalizer, grpo_loss, loss_metric_keys
 
 
@@ -45,21 +48,27 @@ class LogprobPolicy(torch.nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        num_completion_tokens: int,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        prompt_index: torch.Tensor,
+        completion_ids: torch.Tensor,
+        completion_attn: torch.Tensor,
         temperature: float = 1.0,
         chunk_tokens: int = 1024,
         with_entropy: bool = False,
+        share_prompts: bool = True,
     ):
-        return completion_logprobs(
+        return grouped_completion_logprobs(
             self.model,
-            input_ids,
-            attention_mask,
-            num_completion_tokens,
+            prompt_ids,
+            prompt_mask,
+            prompt_index,
+            completion_ids,
+            completion_attn,
             temperature,
             chunk_tokens,
             with_entropy,
+            share_prompts,
         )
 
 
@@ -133,41 +142,59 @@ def plan_micro_batches(rows: list[TrainRow], indices: list[int], budget_tokens: 
 
 @dataclass
 class MicroBatch:
-    input_ids: torch.Tensor  # [B, Lp + K]
-    attention_mask: torch.Tensor  # [B, Lp + K]
-    completion_mask: torch.Tensor  # [B, K]
+    """Rows as distinct prompts + completions: row b continues prompt ``prompt_index[b]`` (GRPO's G completions
+    of a prompt share one copy, so the log-prob pass can run each prompt once)."""
+
+    prompt_ids: torch.Tensor  # [U, Lp] distinct prompts, left-padded
+    prompt_mask: torch.Tensor  # [U, Lp]
+    prompt_index: torch.Tensor  # [B] long: which prompt each row continues
+    completion_ids: torch.Tensor  # [B, K] right-padded
+    completion_attn: torch.Tensor  # [B, K] 1 on real completion tokens
+    completion_mask: torch.Tensor  # [B, K] 1 on tokens that count in the loss
     advantages: torch.Tensor  # [B]
     rollout_logprobs: torch.Tensor  # [B, K] NaN where unknown / padding
-    num_completion_tokens: int  # K
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return self.completion_ids.shape[1]
 
 
 def collate(rows: list[TrainRow], pad_id: int, device: torch.device) -> MicroBatch:
-    """Left-pad prompts, right-pad completions: [pad.. prompt | completion ..pad]."""
-    lp = max(len(r.prompt_ids) for r in rows)
+    """Distinct prompts left-padded, completions right-padded: row b is [pad.. prompt | completion ..pad]."""
+    distinct: dict[tuple[int, ...], int] = {}
+    index = [distinct.setdefault(tuple(r.prompt_ids), len(distinct)) for r in rows]
+    lp = max(len(p) for p in distinct)
     k = max(max(len(r.completion_ids) for r in rows), 1)
     b = len(rows)
-    ids = torch.full((b, lp + k), pad_id, dtype=torch.long)  # [B, Lp + K]
-    attn = torch.zeros((b, lp + k), dtype=torch.long)  # [B, Lp + K]
+    pids = torch.full((len(distinct), lp), pad_id, dtype=torch.long)  # [U, Lp]
+    pmask = torch.zeros((len(distinct), lp), dtype=torch.long)  # [U, Lp]
+    for u, p in enumerate(distinct):
+        if p:
+            pids[u, lp - len(p) :] = torch.tensor(p, dtype=torch.long)
+            pmask[u, lp - len(p) :] = 1
+    cids = torch.full((b, k), pad_id, dtype=torch.long)  # [B, K]
+    cattn = torch.zeros((b, k), dtype=torch.long)  # [B, K]
     cmask = torch.zeros((b, k), dtype=torch.float32)  # [B, K]
     rlp = torch.full((b, k), float("nan"), dtype=torch.float32)  # [B, K]
     for j, r in enumerate(rows):
-        p, c = len(r.prompt_ids), len(r.completion_ids)
-        ids[j, lp - p : lp] = torch.tensor(r.prompt_ids, dtype=torch.long)
-        attn[j, lp - p : lp + c] = 1
+        c = len(r.completion_ids)
         if c:
-            ids[j, lp : lp + c] = torch.tensor(r.completion_ids, dtype=torch.long)
+            cids[j, :c] = torch.tensor(r.completion_ids, dtype=torch.long)
+            cattn[j, :c] = 1
             if r.loss_mask:
                 cmask[j, :c] = 1.0
             if r.rollout_logprobs:
                 rlp[j, : len(r.rollout_logprobs)] = torch.tensor(r.rollout_logprobs[:c], dtype=torch.float32)
     adv = torch.tensor([r.advantage for r in rows], dtype=torch.float32)  # [B]
     return MicroBatch(
-        input_ids=ids.to(device),
-        attention_mask=attn.to(device),
+        prompt_ids=pids.to(device),
+        prompt_mask=pmask.to(device),
+        prompt_index=torch.tensor(index, dtype=torch.long, device=device),
+        completion_ids=cids.to(device),
+        completion_attn=cattn.to(device),
         completion_mask=cmask.to(device),
         advantages=adv.to(device),
         rollout_logprobs=rlp.to(device),
-        num_completion_tokens=k,
     )
 
 
@@ -198,8 +225,10 @@ class UpdateStage:
         world_size: int,
         device: torch.device,
         ref_model=None,
+        share_prompts: bool = True,
     ):
         self.engine = engine
+        self.share_prompts = share_prompts
         self.loss_config = loss_config
         self.pad_id = pad_id
         self.temperature = temperature
@@ -214,18 +243,24 @@ class UpdateStage:
     def _logprobs(self, model, mb: MicroBatch, with_entropy: bool):
         """``model`` is the DeepSpeed engine (or reference engine/module) wrapping a LogprobPolicy."""
         return model(
-            mb.input_ids,
-            mb.attention_mask,
-            mb.num_completion_tokens,
+            mb.prompt_ids,
+            mb.prompt_mask,
+            mb.prompt_index,
+            mb.completion_ids,
+            mb.completion_attn,
             temperature=self.temperature,
             chunk_tokens=self.chunk_tokens,
             with_entropy=with_entropy,
+            share_prompts=self.share_prompts,
         )
 
     def _padding_batch(self) -> MicroBatch:
-        ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.device)  # [1, 2]
+        ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)  # [1, 1]
         zeros = torch.zeros((1, 1), device=self.device)  # [1, 1]
-        return MicroBatch(ids, torch.ones_like(ids), zeros, zeros[:, 0], zeros, 1)
+        index = torch.zeros(1, dtype=torch.long, device=self.device)  # [1]
+        return MicroBatch(
+            ids, torch.ones_like(ids), index, ids, torch.ones_like(ids), zeros, zeros[:, 0], zeros
+        )
 
     def _padding_pass(self) -> None:
         """A forward/backward that contributes zero gradient, so every rank runs the same number of passes."""

@@ -1,0 +1,116 @@
+"""Time the update side alone (one GRPO optimizer step of the DeepSpeed engine) with and without sharing prompts.
+
+    python scripts/bench_update.py                              # = make bench-update
+    python scripts/bench_update.py --prompts 1 --tokens 256 --hidden 64 --layers 2
+
+One process, one rank (ZeRO-2 over gloo, fp32), a tiny Qwen2 of the given shape built here, a synthetic scored
+batch: ``--prompts`` prompts of ``--prompt-tokens`` tokens, 16 completions of exactly ``--tokens`` tokens each.
+The same engine runs ``UpdateStage.step`` with ``share_prompts`` on (each distinct prompt through the model
+once, its completions on its cached keys/values) and off (every row is prompt + completion), alternating, for
+``--repeats`` rounds after one warm-up of each; it prints the median and min of each and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument(
+        "--prompt-tokens", type=int, default=57, help="the benchmark prompts' length (bench-vs-trl)"
+    )
+    p.add_argument("--tokens", type=int, default=64, help="completion length")
+    p.add_argument("--generations", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args()
+
+    import torch
+    import torch.distributed as dist
+
+    from trainer.config import load_config
+    from trainer.distributed import free_port
+    from trainer.engine_setup import build_engine
+    from trainer.tiny_model import build_tiny_model
+    from trainer.update_stage import TrainBatch, TrainRow, UpdateStage
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo")
+    model_dir = Path(tempfile.mkdtemp(prefix="bench-update-"))
+    heads = max(1, a.hidden // 64)
+    build_tiny_model(
+        model_dir,
+        hidden_size=a.hidden,
+        num_layers=a.layers,
+        num_heads=heads,
+        num_kv_heads=max(1, heads // 2),
+        intermediate_size=2 * a.hidden,
+    )
+    cfg = load_config(
+        "configs/cpu-tiny-test.yaml",
+        [f"model.name_or_path={model_dir}", "deepspeed.zero_stage=2", "objective.loss_type=dapo"],
+    )
+    engine, _, _ = build_engine(cfg, str(model_dir), 1, 1000)
+    stages = {
+        share: UpdateStage(
+            engine,
+            cfg.objective.loss_config(),
+            pad_id=0,
+            temperature=1.0,
+            chunk_tokens=1024,
+            micro_batch_tokens=1 << 20,
+            max_completion_length=a.tokens,
+            rank=0,
+            world_size=1,
+            device=torch.device("cpu"),
+            share_prompts=share,
+        )
+        for share in (True, False)
+    }
+    rng = random.Random(0)
+    vocab = engine.module.model.config.vocab_size
+    rows = []
+    for _ in range(a.prompts):
+        prompt = [rng.randrange(3, vocab) for _ in range(a.prompt_tokens)]
+        for _ in range(a.generations):
+            completion = [rng.randrange(3, vocab) for _ in range(a.tokens)]
+            rows.append(TrainRow(prompt, completion, rng.uniform(-1, 1), [-1.0] * a.tokens))
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(a.repeats + 1):
+        for share, stage in stages.items():
+            t0 = time.perf_counter()
+            stage.step(TrainBatch(step=r, rows=rows))
+            if r:  # round 0 is the warm-up
+                times[share].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"\nhidden {a.hidden}, {a.layers} layers; {a.prompts} prompts x {a.generations} completions; prompt "
+        f"{a.prompt_tokens} + completion {a.tokens} tokens; {a.repeats} rounds, alternating\n"
+    )
+    print("| share_prompt_forward | step median (min) s | vs off |\n|---|---|---|")
+    for share in (True, False):
+        print(
+            f"| {'on' if share else 'off'} | {med[share]:.3f} ({min(times[share]):.3f}) | "
+            f"{med[share] / med[False]:.2f}x |"
+        )
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
