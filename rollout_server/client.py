@@ -151,6 +151,9 @@ class SyncStats:
     seconds: float = 0.0  # whole push, as seen by the trainer
     handshake_s: float = 0.0  # requests sent -> every server said ok
     send_s: float = 0.0  # packing + broadcasting every bucket
+    copied_bytes: int = (
+        0  # bytes packed into bucket buffers; 0 when every bucket was sent from the tensors' memory
+    )
     servers: list[P.UpdateWeightsResponse] = field(default_factory=list)
 
 
@@ -295,9 +298,11 @@ class WeightSyncClient:
                 group.wait(handle, max(1.0, t0 + timeout_s - time.monotonic()), abort=server_failed)
 
             in_flight = None
+            copied = 0
             for buf, borrowed in iter_packed_buckets(
                 manifest, tensors, bucket_bytes, group.device, self._slots
             ):
+                copied += 0 if borrowed else buf.numel()
                 handle = group.broadcast_async(buf)
                 if in_flight is not None:
                     wait(in_flight)
@@ -323,6 +328,7 @@ class WeightSyncClient:
             seconds=t2 - t0,
             handshake_s=t1 - t0,
             send_s=t2 - t1,
+            copied_bytes=copied,
             servers=results,
         )
 
@@ -332,6 +338,7 @@ class WeightSyncClient:
         """Wait until every server said ok (store key) or answered with an error. Returns the errors."""
         pending = set(range(len(futures)))
         errors: list[tuple[str, RolloutServerError]] = []
+        nap = 1e-4
         while pending:
             for i in sorted(pending):
                 if group.store.check([status_key(sync_id, self._ranks[i])]):
@@ -351,7 +358,8 @@ class WeightSyncClient:
                     )
                 break
             if pending:
-                time.sleep(0.002)
+                time.sleep(nap)
+                nap = min(nap * 2, 2e-3)  # a local server answers within ~1 ms: do not oversleep that
         return errors
 
     def close_group(self) -> None:

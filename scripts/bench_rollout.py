@@ -4,9 +4,13 @@
    generic HF-cache decoders) against plain `model.generate` on the same random Qwen2 model and the same batch
    (default 4 prompts x 16 samples x 128 tokens, hidden 256, 4 layers). Runs alternate and the best of
    `--repeats` is kept, so a busy shared machine penalises every method alike.
-2. Weight sync: `WeightSyncClient.push` to a real `python -m rollout_server` process (HTTP handshake, packed
-   buckets over gloo, unpack + swap on the server) against a raw gloo broadcast of the same number of bytes
-   between two processes (one flat buffer, nothing else), for a ~80 MB float32 model.
+2. Weight sync: `WeightSyncClient.push` to a real `python -m rollout_server` process (HTTP handshake, buckets
+   over gloo, unpack + swap on the server) against a raw gloo broadcast of the same number of bytes between two
+   processes (one flat buffer, nothing else), for a ~80 MB float32 model (`--sync-hidden 1024 --sync-vocab
+   32768`: ~314 MB). Two layouts of the trainer's parameters are pushed: `separate` (one allocation per
+   tensor, as `from_pretrained` leaves them: every bucket is packed, i.e. copied) and `flat` (views of one
+   flat buffer, the layout DeepSpeed ZeRO-1/2 gives the trainer's parameters: buckets are sent from the
+   parameters' own memory, no copy; the trainer reports it as `sync/copied_bytes` = 0).
 
     python scripts/bench_rollout.py            # or: make bench-rollout
     python scripts/bench_rollout.py --skip-sync --prompts 8
@@ -20,7 +24,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -142,32 +145,11 @@ for _ in range(reps):
 def start_server(
     model_dir: Path, backend: str = "torch", timeout_s: float = 400
 ) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [
-        sys.executable,
-        "-m",
-        "rollout_server",
-        "--model",
-        str(model_dir),
-        "--backend",
-        backend,
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    ready = threading.Event()
-    threading.Thread(
-        target=lambda: [ready.set() for ln in proc.stdout if ln.startswith("READY")], daemon=True
-    ).start()
-    if not ready.wait(timeout_s):
-        proc.kill()
-        raise RuntimeError(f"{backend} rollout server did not start")
-    return proc, f"http://127.0.0.1:{port}"
+    """A rollout server on a free port, once it printed READY: (process, url)."""
+    from rollout_server.spawn import ServerProcess
+
+    server = ServerProcess(model_dir, backend=backend, extra_args=("--log-level", "warning"))
+    return server.proc, server.wait_ready(timeout_s)
 
 
 def save_sync_model(args) -> tuple[Path, list]:
@@ -184,13 +166,23 @@ def save_sync_model(args) -> tuple[Path, list]:
     return out, list(model.named_parameters())
 
 
+def flat_copy(named: list) -> list:
+    """The same tensors as views of ONE flat buffer, as DeepSpeed ZeRO-1/2 lays out a parameter group."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    tensors = [t.detach() for _, t in named]
+    views = _unflatten_dense_tensors(_flatten_dense_tensors(tensors), tensors)
+    return [(name, v) for (name, _), v in zip(named, views, strict=True)]
+
+
 def bench_sync(args) -> list[tuple[str, str, str]]:
-    """Raw broadcasts and pushes alternate (same load for both); best and median of `repeats` each."""
+    """Raw broadcasts and pushes (each layout) alternate (same load for all); best and median of `repeats`."""
     from rollout_server.client import WeightSyncClient
     from rollout_server.protocol import WeightManifest
     from rollout_server.weight_transfer import join_group, open_store
 
     model_dir, named = save_sync_model(args)
+    layouts = {"separate": named, "flat": flat_copy(named)}
     manifest = WeightManifest.from_named_tensors(named)
     nbytes = manifest.total_bytes
     buckets = [int(float(x) * (1 << 20)) for x in args.sync_buckets_mib.split(",")]
@@ -202,24 +194,28 @@ def bench_sync(args) -> list[tuple[str, str, str]]:
         [sys.executable, "-c", RAW_RECEIVER, "127.0.0.1", str(raw_port), str(nbytes), str(reps)], env=env
     )
     rows = []
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     try:
         raw_group = join_group(open_store("127.0.0.1", raw_port, True, 60), "127.0.0.1", 0, 2, "gloo", 300)
         raw_buf = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)  # [nbytes]
         sync = WeightSyncClient(url)
         sync.init_transfer("127.0.0.1", free_port(), backend="gloo", timeout_s=120)
-        sync.push(manifest, iter(named), version=1, bucket_bytes=buckets[0])  # warm-up (first allocations)
-        version = 1
+        version = 0
+        for tensors in layouts.values():  # warm-up (first allocations on both sides)
+            version += 1
+            sync.push(manifest, iter(tensors), version=version, bucket_bytes=buckets[0])
         for bucket in buckets:
-            raw_t, push_runs = [], []
+            raw_t: list[float] = []
+            runs: dict[str, list] = {name: [] for name in layouts}
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
                 raw_group.broadcast(raw_buf)
                 raw_t.append(time.perf_counter() - t0)
-                version += 1
-                push_runs.append(sync.push(manifest, iter(named), version=version, bucket_bytes=bucket))
-            push_t = [r.seconds for r in push_runs]
-            best = min(push_runs, key=lambda r: r.seconds)
-            med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+                for name, tensors in layouts.items():
+                    version += 1
+                    runs[name].append(
+                        sync.push(manifest, iter(tensors), version=version, bucket_bytes=bucket)
+                    )
             rows.append(
                 (
                     f"raw gloo broadcast of {nbytes / 1e6:.1f} MB (1 buffer)",
@@ -227,14 +223,20 @@ def bench_sync(args) -> list[tuple[str, str, str]]:
                     "1.00x / 1.00x",
                 )
             )
-            rows.append(
-                (
-                    f"push, bucket {bucket / (1 << 20):g} MiB ({best.num_buckets} buckets, {best.num_tensors} tensors)",
-                    f"{best.seconds * 1e3:.0f} ms, median {med(push_t) * 1e3:.0f} (best: handshake "
-                    f"{best.handshake_s * 1e3:.0f}, pack+send {best.send_s * 1e3:.0f})",
-                    f"{min(push_t) / min(raw_t):.2f}x / {med(push_t) / med(raw_t):.2f}x",
+            for name, pushes in runs.items():
+                push_t = [r.seconds for r in pushes]
+                best = min(pushes, key=lambda r: r.seconds)
+                server_side = best.servers[0]
+                rows.append(
+                    (
+                        f"push `{name}`, bucket {bucket / (1 << 20):g} MiB ({best.num_buckets} buckets, "
+                        f"{best.num_tensors} tensors, {best.copied_bytes / 1e6:.1f} MB copied)",
+                        f"{best.seconds * 1e3:.0f} ms, median {med(push_t) * 1e3:.0f} (best: handshake "
+                        f"{best.handshake_s * 1e3:.0f}, send {best.send_s * 1e3:.0f}; server: receive "
+                        f"{server_side.receive_s * 1e3:.0f}, swap {server_side.swap_s * 1e3:.1f})",
+                        f"{min(push_t) / min(raw_t):.2f}x / {med(push_t) / med(raw_t):.2f}x",
+                    )
                 )
-            )
         sync.close()
         receiver.wait(timeout=120)
     finally:
@@ -261,7 +263,7 @@ def main() -> None:
     p.add_argument("--sync-layers", type=int, default=4)
     p.add_argument("--sync-vocab", type=int, default=16384)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--sync-buckets-mib", default="1024,32,8,1", help="Bucket sizes to push with, in MiB.")
+    p.add_argument("--sync-buckets-mib", default="256,32,8,1", help="Bucket sizes to push with, in MiB.")
     p.add_argument("--skip-sync", action="store_true")
     p.add_argument("--skip-generation", action="store_true")
     args = p.parse_args()

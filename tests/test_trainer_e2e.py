@@ -223,6 +223,7 @@ def test_run_folder_layout_and_logs(e2e_run, capsys):
         "time/sync",
         "sync/server_receive_s",
         "sync/server_load_s",
+        "sync/copied_bytes",
         "tokens_per_s",
         "reward_failures/total",
         "skipped_steps",
@@ -232,6 +233,8 @@ def test_run_folder_layout_and_logs(e2e_run, capsys):
     # The servers' side of the push (wire, then swap; the slowest server's each) within the push the trainer timed.
     assert 0 < m["sync/server_receive_s"] <= m["sync/seconds"]
     assert 0 < m["sync/server_load_s"] <= m["sync/seconds"]
+    # ZeRO-3: gathered copies are packed into buckets (one-tensor buckets go out as they are)
+    assert 0 < m["sync/copied_bytes"] <= m["sync/bytes"]
     assert (
         m["kl"] == 0.0 and read_jsonl(e2e_run / "metrics.jsonl")[1]["kl"] > 0
     )  # policy == reference at step 1 only

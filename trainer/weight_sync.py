@@ -196,6 +196,9 @@ class WeightSync:
                     "sync/handshake_s": stats.handshake_s,
                     "sync/send_s": stats.send_s,
                     "sync/bytes": float(stats.bytes),
+                    # 0 when every bucket went out of the parameters' own memory (ZeRO-1/2 keeps them in one
+                    # flat buffer); ZeRO-3's gathered copies and dtype casts are packed
+                    "sync/copied_bytes": float(stats.copied_bytes),
                     "sync/buckets": float(stats.num_buckets),
                     # where a server's time went (the slowest server): bytes on the wire, then loading them
                     "sync/server_receive_s": max((r.receive_s for r in stats.servers), default=0.0),
