@@ -63,38 +63,12 @@ def start_server(
     model_dir: Path, backend: str, log_path: Path, timeout_s: float
 ) -> tuple[subprocess.Popen, str]:
     """`python -m rollout_server` on 127.0.0.1 in its own session; returns once it printed READY."""
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [
-        sys.executable,
-        "-m",
-        "rollout_server",
-        "--model",
-        str(model_dir),
-        "--backend",
-        backend,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    from rollout_server.spawn import ServerProcess
+
+    server = ServerProcess(
+        model_dir, backend=backend, extra_args=("--log-level", "warning"), log_path=log_path
     )
-    log.close()
-    deadline = time.monotonic() + timeout_s
-    while "READY" not in log_path.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_server(proc)
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(
-                f"{backend} rollout server did not print READY within {timeout_s:.0f}s:\n{tail}"
-            )
-        time.sleep(0.3)
-    return proc, f"http://127.0.0.1:{port}"
+    return server.proc, server.wait_ready(timeout_s)
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -43,41 +43,15 @@ def free_port() -> int:
 
 
 def start_server(model_dir: Path, *extra: str, timeout_s: float | None = None, backend: str = "torch"):
-    port = free_port()
+    """A real server on a free port: (process, url, its latest output lines)."""
+    from rollout_server.spawn import ServerProcess
+
     if timeout_s is None:
         timeout_s = 90.0 if backend == "torch" else 240.0  # vLLM CPU starts in ~40 s (eager), more when busy
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "rollout_server",
-        "--model",
-        str(model_dir),
-        "--backend",
-        backend,
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        *extra,
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump():
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("READY"):
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(timeout_s):
-        proc.kill()
-        raise RuntimeError("server did not print READY:\n" + "".join(lines[-40:]))
-    return proc, f"http://127.0.0.1:{port}", lines
+    server = ServerProcess(model_dir, backend=backend, extra_args=("--log-level", "warning", *extra), env=env)
+    url = server.wait_ready(timeout_s)
+    return server.proc, url, server.lines
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -114,7 +88,7 @@ def server(tiny_model_dir, backend):
     yield url
     stop(proc)
     # uvicorn re-raises SIGTERM after its graceful shutdown, so a clean stop reads -SIGTERM.
-    assert proc.returncode in (0, -signal.SIGTERM), "".join(_lines[-30:])
+    assert proc.returncode in (0, -signal.SIGTERM), "".join(list(_lines)[-30:])
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -372,3 +373,15 @@ def test_metrics_render():
     assert values["rollout_tokens_generated_total"] == 40 and values["rollout_tokens_per_second"] == 80
     assert values["rollout_weight_version"] == 3 and values["rollout_weight_sync_bytes_total"] == 1000
     assert values['rollout_generate_latency_seconds_bucket{le="0.5"}'] == 1
+
+
+def test_a_server_that_exits_fails_the_wait_with_its_own_output(tmp_path):
+    """ServerProcess.wait_ready: a server that cannot start (no such model) raises at once with its output."""
+    from rollout_server.spawn import ServerProcess
+
+    server = ServerProcess(tmp_path / "no-such-model", backend="torch")
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited with code 2") as err:
+        server.wait_ready(timeout_s=120)
+    assert "no-such-model" in str(err.value)  # the server's own message names the model
+    assert server.proc.poll() == 2 and time.monotonic() - t0 < 60

@@ -66,7 +66,7 @@ def test_no_engine_process_survives_the_server(tiny_model_dir, how, fault_report
             "server exits, no EngineCore/Worker left within 30 s",
             f"server exit code {proc.returncode}; left running: {_names(alive) or 'none'}",
         )
-        assert alive == [], f"left running after {how}: {_names(alive)}\n" + "".join(lines[-20:])
+        assert alive == [], f"left running after {how}: {_names(alive)}\n" + "".join(list(lines)[-20:])
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -68,43 +68,19 @@ def rollout_server(
     backend: str = "torch",
     extra_args: tuple[str, ...] = (),
 ):
-    """``python -m rollout_server --backend B [extra_args]`` on ``port`` (default: a free one); yields (url,
-    process)."""
+    """``python -m rollout_server --backend B [extra_args]`` on ``port`` (default: a free one), output in
+    ``log_path``; yields (url, process) and kills its process group after."""
+    from rollout_server.spawn import ServerProcess
+
     if ready_timeout_s is None:
         ready_timeout_s = 120.0 if backend == "torch" else 300.0  # vLLM CPU: ~40 s alone, more when busy
-    port = port or free_port()
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rollout_server",
-            "--model",
-            str(model_dir),
-            "--backend",
-            backend,
-            "--port",
-            str(port),
-            *extra_args,
-        ],
-        cwd=REPO,
-        env=child_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    server = ServerProcess(
+        model_dir, backend=backend, port=port, extra_args=extra_args, env=child_env(), log_path=log_path
     )
     try:
-        deadline = time.monotonic() + ready_timeout_s
-        while "READY" not in Path(log_path).read_text():
-            if proc.poll() is not None:
-                raise RuntimeError(f"rollout server exited early:\n{Path(log_path).read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"rollout server not ready in {ready_timeout_s}s")
-            time.sleep(0.3)
-        yield f"http://127.0.0.1:{port}", proc
+        yield server.wait_ready(ready_timeout_s), server.proc
     finally:
-        kill_group(proc)
-        log.close()
+        server.stop(grace_s=0)
 
 
 def start_trainer(

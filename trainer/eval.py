@@ -30,13 +30,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shlex
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,70 +264,17 @@ def load_problems(
 
 
 # ---- a rollout server for the job -----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def rollout_server(
     model: str, backend: str = "auto", startup_timeout_s: float = 600.0, extra_args: Sequence[str] = ()
 ) -> Iterator[str]:
-    """Start ``python -m rollout_server`` on a free loopback port, yield its URL, stop it after.
+    """Start ``python -m rollout_server`` on a free loopback port, yield its URL, stop it (and its engine) after.
 
-    Fails with the server's log tail when it exits or is not healthy within ``startup_timeout_s``."""
-    import httpx
+    Fails with the server's last output when it exits or is not ready within ``startup_timeout_s``."""
+    from rollout_server.spawn import ServerProcess
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile(prefix="rollout-server-", suffix=".log", delete=False)  # noqa: SIM115
-    cmd = [
-        sys.executable,
-        "-m",
-        "rollout_server",
-        "--model",
-        model,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    if backend != "auto":  # the server's own default is vLLM when CUDA and vLLM are there, else torch
-        cmd += ["--backend", backend]
-    cmd += list(extra_args)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-
-    def tail() -> str:
-        log.flush()
-        return Path(log.name).read_text(errors="replace")[-3000:]
-
-    try:
-        deadline = time.monotonic() + startup_timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"rollout server exited with code {proc.returncode}:\n{tail()}")
-            try:
-                r = httpx.get(url + "/health", timeout=2.0)
-                if r.status_code == 200 and r.json().get("ready"):
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"rollout server not ready after {startup_timeout_s:.0f}s:\n{tail()}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=30)
-        log.close()
-        with contextlib.suppress(OSError):
-            os.unlink(log.name)
+    with ServerProcess(model, backend=backend, extra_args=extra_args) as server:
+        yield server.wait_ready(startup_timeout_s)
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------------
