@@ -7,8 +7,11 @@ its receive loop inside its own workers while the torch backend receives in-proc
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from rollout_server.protocol import (
@@ -27,6 +30,42 @@ class BadRequest(ValueError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+@contextlib.contextmanager
+def accepted_update(
+    req: UpdateWeightsRequest,
+    *,
+    connected: bool,
+    specs: Mapping[str, tuple[str, list[int]]],
+    lock: threading.Lock,
+    wait_go: Callable[[], bool],
+    problems: Sequence[str] = (),
+) -> Iterator[float]:
+    """What every backend does with ``POST /update_weights`` before a byte moves, in the contract's order:
+
+    409 without a transfer group; 422 for a manifest the served model cannot take (``problems`` adds a
+    backend's own, e.g. vLLM's fixed bucket size): the server never enters the collective, and the trainer
+    aborts the others; 409 while another update runs; then the handshake (``wait_go``: "ok" into the
+    trainer's store, wait for its decision), 409 when the trainer aborted. Yields the handshake's seconds and
+    holds the update lock until the block (the receive and swap) ends.
+    """
+    if not connected:
+        raise BadRequest("no weight-transfer group: call /init_weight_transfer first", status=409)
+    found = req.manifest.mismatches(specs) + list(problems)
+    if found:
+        raise BadRequest("manifest: " + "; ".join(found), status=422)
+    if not lock.acquire(blocking=False):
+        raise BadRequest("another weight update is in progress", status=409)
+    try:
+        t0 = time.monotonic()
+        if not wait_go():
+            raise BadRequest(
+                "update aborted by the trainer (another server refused the manifest)", status=409
+            )
+        yield time.monotonic() - t0
+    finally:
+        lock.release()
 
 
 @dataclass

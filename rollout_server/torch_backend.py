@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from rollout_server.backend import Backend, BackendInfo, BadRequest
+from rollout_server.backend import Backend, BackendInfo, BadRequest, accepted_update
 from rollout_server.protocol import (
     Completion,
     GenerateRequest,
@@ -181,27 +181,21 @@ class TorchBackend(Backend):
 
     def update_weights(self, req: UpdateWeightsRequest) -> UpdateWeightsResponse:
         group = self._group
-        if group is None:
-            raise BadRequest("no weight-transfer group: call /init_weight_transfer first", status=409)
-        problems = req.manifest.mismatches(self.specs)
-        if problems:
-            raise BadRequest("manifest: " + "; ".join(problems), status=422)
-        if not self._update_lock.acquire(blocking=False):
-            raise BadRequest("another weight update is in progress", status=409)
-        try:
-            return self._receive_and_swap(group, req)
-        finally:
-            self._update_lock.release()
+        with accepted_update(
+            req,
+            connected=group is not None,
+            specs=self.specs,
+            lock=self._update_lock,
+            wait_go=lambda: server_wait_go(group, req.sync_id, req.timeout_s),
+        ) as handshake_s:
+            return self._receive_and_swap(group, req, handshake_s)
 
-    def _receive_and_swap(self, group: TransferGroup, req: UpdateWeightsRequest) -> UpdateWeightsResponse:
-        t0 = time.monotonic()
-        deadline = t0 + req.timeout_s
-        buckets = plan_buckets(req.manifest, req.bucket_bytes)
-        if not server_wait_go(group, req.sync_id, req.timeout_s):
-            raise BadRequest(
-                "update aborted by the trainer (another server refused the manifest)", status=409
-            )
+    def _receive_and_swap(
+        self, group: TransferGroup, req: UpdateWeightsRequest, handshake_s: float
+    ) -> UpdateWeightsResponse:
         t1 = time.monotonic()
+        deadline = t1 + req.timeout_s
+        buckets = plan_buckets(req.manifest, req.bucket_bytes)
         staging: list[tuple[str, torch.Tensor]] = []  # views into the received buckets
         received: list[torch.Tensor] = []
 
@@ -239,7 +233,7 @@ class TorchBackend(Backend):
             num_tensors=len(req.manifest.tensors),
             num_buckets=len(buckets),
             bytes=nbytes,
-            handshake_s=t1 - t0,
+            handshake_s=handshake_s,
             receive_s=t2 - t1,
             swap_s=t3 - t2,
         )

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rollout_server.backend import BackendInfo, BadRequest
+from rollout_server.backend import BackendInfo, BadRequest, accepted_update
 from rollout_server.protocol import (
     InitWeightTransferRequest,
     InitWeightTransferResponse,
@@ -132,25 +132,20 @@ class VLLMWeightReceiver:
     def update(self, req: UpdateWeightsRequest) -> UpdateWeightsResponse:
         from rollout_server.weight_transfer import TransferGroup, WeightTransferError, server_wait_go
 
-        if self._store is None:
-            raise BadRequest("no weight-transfer group: call /init_weight_transfer first", status=409)
-        problems = req.manifest.mismatches(self.specs)
-        if problems:
-            raise BadRequest("manifest: " + "; ".join(problems), status=422)
+        bucket_problems = []
         if self.info.required_bucket_bytes is not None and req.bucket_bytes != self.bucket_bytes:
-            raise BadRequest(
-                f"bucket_bytes: {req.bucket_bytes} != {self.bucket_bytes} fixed by --weight-transfer-bucket-bytes",
-                status=422,
+            bucket_problems.append(
+                f"bucket_bytes: {req.bucket_bytes} != {self.bucket_bytes} fixed by --weight-transfer-bucket-bytes"
             )
-        if not self._update_lock.acquire(blocking=False):
-            raise BadRequest("another weight update is in progress", status=409)
-        try:
-            t0 = time.monotonic()
-            handle = TransferGroup(self._store, None, self._rank, 0, "nccl", req.timeout_s, None)
-            if not server_wait_go(handle, req.sync_id, req.timeout_s):
-                raise BadRequest(
-                    "update aborted by the trainer (another server refused the manifest)", status=409
-                )
+        handle = TransferGroup(self._store, None, self._rank, 0, "nccl", req.timeout_s, None)
+        with accepted_update(
+            req,
+            connected=self._store is not None,
+            specs=self.specs,
+            lock=self._update_lock,
+            wait_go=lambda: server_wait_go(handle, req.sync_id, req.timeout_s),
+            problems=bucket_problems,
+        ) as handshake_s:
             t1 = time.monotonic()
             try:
                 wire_s = self._run(self._receive(req), timeout=req.timeout_s + 60)
@@ -164,15 +159,13 @@ class VLLMWeightReceiver:
                 num_tensors=len(req.manifest.tensors),
                 num_buckets=len(plan_buckets(req.manifest, req.bucket_bytes)),
                 bytes=req.manifest.total_bytes,
-                handshake_s=t1 - t0,
+                handshake_s=handshake_s,
                 # receive: the buckets on the wire; swap: pausing, loading into vLLM (its layer-wise reload,
                 # which on CPU also re-packs every GEMM weight), finalising and resuming. Without a wire time
                 # (NCCL engine) the whole update counts as receive.
                 receive_s=(t2 - t1) if wire_s is None else wire_s,
                 swap_s=0.0 if wire_s is None else max(0.0, t2 - t1 - wire_s),
             )
-        finally:
-            self._update_lock.release()
 
     def _drop_transfer_group(self) -> None:
         try:
