@@ -114,7 +114,6 @@ def _build_update_side(c: Components, info: DistInfo) -> None:
         bucket_bytes=int(r.sync_bucket_mb * (1 << 20)),
         timeout_s=r.sync_timeout_s,
         dtype=sync_dtype if sync_dtype != train_dtype else None,
-        ready_timeout_s=r.ready_timeout_s,
     )
 
 
@@ -132,6 +131,7 @@ def _build_rollout_side(c: Components) -> None:
         cfg.objective.mask_truncated_completions,
     )
     c.rollout = RolloutStage(cfg.rollout, cfg.generation)
+    c.sync.wait_servers_ready = c.rollout.wait_until_ready  # a re-sync waits on the same health check
     c.producer = RolloutSide(
         c.dataset,
         c.rollout,

@@ -3,7 +3,7 @@
 Interface (what the loop sees): ``WeightSync.push(version) -> stats`` pushes or raises ``WeightSyncFailed``;
 ``WeightSync.resync(version)`` does the same for servers known to have lost their weights. Every rank calls
 them, rank 0 sends. Recovery lives here, not in the loop: a failed push (a server restarted, so its transfer
-group is gone) waits for every server to be ready again (``ready_timeout_s``), re-opens the group and
+group is gone) waits for every server to be ready again (``wait_servers_ready``), re-opens the group and
 pushes once more; a second failure raises.
 
 Under ZeRO-3 no rank holds the full model, so parameters are gathered a bucket's worth at a time
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -111,7 +111,7 @@ class WeightSync:
         bucket_bytes: int,
         timeout_s: float,
         dtype: torch.dtype | None = None,
-        ready_timeout_s: float = 600.0,
+        wait_servers_ready: Callable[[], object] | None = None,
     ):
         self.params = named_hf_parameters(hf_model)
         self.rank = rank
@@ -121,16 +121,16 @@ class WeightSync:
         self.dtype = dtype
         self.backend = backend
         self.master_addr, self.master_port = master_addr, master_port
-        self.ready_timeout_s = ready_timeout_s
+        # Rank 0: blocks until every server answers ready (or raises); the rollout side's own readiness check,
+        # so the servers' health is asked one way (``build.py`` wires it once the rollout side exists).
+        self.wait_servers_ready = wait_servers_ready
         self.client = None
-        self.health_clients = []
         self.server_urls = list(server_urls)
         if rank == 0:
-            from rollout_server.client import RolloutClient, WeightSyncClient
+            from rollout_server.client import WeightSyncClient
             from rollout_server.protocol import TensorSpec, WeightManifest, dtype_name
 
             self.client = WeightSyncClient(server_urls, api_token=api_token, http_timeout_s=timeout_s)
-            self.health_clients = [RolloutClient(u, api_token=api_token, timeout_s=30.0) for u in server_urls]
             specs = []
             for name, p in self.params:
                 shape = [int(d) for d in (getattr(p, "ds_shape", None) or p.shape)]
@@ -166,8 +166,9 @@ class WeightSync:
         err = None
         if self.rank == 0:
             try:
-                for c in self.health_clients:
-                    c.wait_until_ready(timeout_s=self.ready_timeout_s)
+                if self.wait_servers_ready is None:
+                    raise RuntimeError("no readiness check was given to WeightSync (wait_servers_ready)")
+                self.wait_servers_ready()
             except Exception as e:
                 err = f"rollout server not ready for a weight re-sync: {type(e).__name__}: {e}"
         err = broadcast_object(err)
@@ -221,8 +222,6 @@ class WeightSync:
         return result
 
     def close(self) -> None:
-        for c in self.health_clients:
-            c.close()
         if self.client is not None:
             try:
                 self.client.close()
