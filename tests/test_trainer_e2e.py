@@ -26,6 +26,7 @@ from tests.trainer_support import (
     read_jsonl,
     read_log,
     rollout_server,
+    run_short,
     start_trainer,
     state_dicts_equal,
     wait_all,
@@ -245,3 +246,20 @@ def test_run_folder_layout_and_logs(e2e_run, capsys):
     assert browse_main([str(e2e_run), "--step", "2", "--limit", "3"]) == 0
     printed = capsys.readouterr().out
     assert "step 2" in printed and f"weight_version {1 - lag}" in printed
+
+
+def test_num_iterations_two_updates_twice_per_batch_and_pushes_once(tiny_model_dir, tmp_path):
+    """``objective.num_iterations=2`` in the loop: two optimizer steps per batch, the second against the first
+    pass's log-probs (so its ratio is no longer 1), and still one weight push per step."""
+    with rollout_server(tiny_model_dir, tmp_path / "server.log") as (url, _):
+        extra = ["objective.num_iterations=2", 'custom_rewards={"tests.trainer_support:digit_fraction": 1.0}']
+        code = run_short(tiny_model_dir, tmp_path, url, "it2", "it2", extra)
+        assert code == 0, read_log(tmp_path, "it2")
+    rows = read_jsonl(tmp_path / "it2" / "metrics.jsonl")
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]
+    assert [m["weight_version/pushed"] for m in rows] == [1, 2, 3, 4]
+    for m in rows:  # the metrics are the last iteration's: the policy moved once since the old log-probs
+        assert m["reward/digit_fraction/std"] > 0 and m["grad_norm"] > 0  # (a reward that varies: a real update)
+        assert abs(m["train/ratio_mean"] - 1.0) > 1e-5, m["train/ratio_mean"]
+    probes = read_jsonl(tmp_path / "it2" / "debug" / "probes.jsonl")
+    assert [(p["pushed_version"], p["server_version"]) for p in probes] == [(v, v) for v in range(5)]
