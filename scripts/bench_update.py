@@ -49,7 +49,7 @@ def main() -> int:
     from trainer.tiny_model import build_tiny_model
     from trainer.update_stage import TrainBatch, TrainRow, UpdateStage
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     dist.init_process_group("gloo")
     model_dir = Path(tempfile.mkdtemp(prefix="bench-update-"))
     heads = max(1, a.hidden // 64)
