@@ -25,8 +25,6 @@ import collections
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,39 +49,6 @@ PROMPTS = [
     "A train travels 60 miles in 2 hours. What is its speed?",
     "Tom has 3 apples and buys 4 more. How many apples does he have?",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(
-    model_dir: Path, backend: str, log_path: Path, timeout_s: float
-) -> tuple[subprocess.Popen, str]:
-    """`python -m rollout_server` on 127.0.0.1 in its own session; returns once it printed READY."""
-    from rollout_server.spawn import ServerProcess
-
-    server = ServerProcess(
-        model_dir, backend=backend, extra_args=("--log-level", "warning"), log_path=log_path
-    )
-    return server.proc, server.wait_ready(timeout_s)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group, SIGKILL after 60 s (vLLM stops its engine processes first)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # anything left in the group (engine children)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
 
 
 def tree_rss(pid: int) -> int:
@@ -169,13 +134,20 @@ def run(args) -> list[tuple[str, str]]:
             from trainer.tiny_model import build_tiny_model
 
             model_dir = build_tiny_model(work / "tiny-model", seed=0)
+        from rollout_server.spawn import ServerProcess
+
         t0 = time.monotonic()
-        proc, url = start_server(model_dir, args.backend, work / "server.log", args.start_timeout)
-        start_s = time.monotonic() - t0
+        server = ServerProcess(
+            model_dir,
+            backend=args.backend,
+            extra_args=("--log-level", "warning"),
+            log_path=work / "server.log",
+        )
         try:
-            return load(args, proc, url, start_s)
+            url = server.wait_ready(args.start_timeout)
+            return load(args, server.proc, url, time.monotonic() - t0)
         finally:
-            stop_server(proc)
+            server.stop(grace_s=60)  # vLLM stops its engine processes first
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

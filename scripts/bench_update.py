@@ -1,9 +1,9 @@
 """Time the update side alone (one GRPO optimizer step of the DeepSpeed engine) with and without sharing prompts.
 
     python scripts/bench_update.py                              # = make bench-update
-    python scripts/bench_update.py --prompts 1 --tokens 256 --hidden 64 --layers 2
+    python scripts/bench_update.py --prompts 1 --tokens 256 --model small
 
-One process, one rank (ZeRO-2 over gloo, fp32), a tiny Qwen2 of the given shape built here, a synthetic scored
+One process, one rank (ZeRO-2 over gloo, fp32), a tiny Qwen2 of one of bench-vs-trl's shapes built here, a synthetic scored
 batch: ``--prompts`` prompts of ``--prompt-tokens`` tokens, 16 completions of exactly ``--tokens`` tokens each.
 The same engine runs ``UpdateStage.step`` with ``share_prompts`` on (each distinct prompt through the model
 once, its completions on its cached keys/values) and off (every row is prompt + completion), alternating, for
@@ -25,6 +25,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_vs_trl import MODELS  # noqa: E402  (the same model shapes as the TRL comparison)
 
 
 def main() -> int:
@@ -35,8 +38,7 @@ def main() -> int:
     )
     p.add_argument("--tokens", type=int, default=64, help="completion length")
     p.add_argument("--generations", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--model", choices=sorted(MODELS), default="large", help="bench-vs-trl's model shapes")
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
 
@@ -49,18 +51,12 @@ def main() -> int:
     from trainer.tiny_model import build_tiny_model
     from trainer.update_stage import TrainBatch, TrainRow, UpdateStage
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+    )
     dist.init_process_group("gloo")
     model_dir = Path(tempfile.mkdtemp(prefix="bench-update-"))
-    heads = max(1, a.hidden // 64)
-    build_tiny_model(
-        model_dir,
-        hidden_size=a.hidden,
-        num_layers=a.layers,
-        num_heads=heads,
-        num_kv_heads=max(1, heads // 2),
-        intermediate_size=2 * a.hidden,
-    )
+    build_tiny_model(model_dir, **MODELS[a.model])
     cfg = load_config(
         "configs/cpu-tiny-test.yaml",
         [f"model.name_or_path={model_dir}", "deepspeed.zero_stage=2", "objective.loss_type=dapo"],
@@ -99,7 +95,7 @@ def main() -> int:
                 times[share].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(
-        f"\nhidden {a.hidden}, {a.layers} layers; {a.prompts} prompts x {a.generations} completions; prompt "
+        f"\n{a.model} model {MODELS[a.model]}; {a.prompts} prompts x {a.generations} completions; prompt "
         f"{a.prompt_tokens} + completion {a.tokens} tokens; {a.repeats} rounds, alternating\n"
     )
     print("| share_prompt_forward | step median (min) s | vs off |\n|---|---|---|")
