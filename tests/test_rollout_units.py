@@ -214,6 +214,87 @@ def test_static_and_hf_decoders_match_a_full_forward(tiny):
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
 
 
+def _random_decoder_model(kind: str):
+    """A random 2-layer model of each architecture the static decoder writes out (grouped-query heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    if kind == "qwen3":  # per-head q/k norms, head_dim set apart from hidden / heads
+        return Qwen3ForCausalLM(Qwen3Config(head_dim=32, **shape)).eval()
+    # Llama 3's RoPE scaling, and biases on the attention projections (Llama's option)
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
+    return LlamaForCausalLM(LlamaConfig(attention_bias=True, rope_parameters=rope, **shape)).eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_static_decoder_matches_a_full_forward_on_other_architectures(kind):
+    from rollout_server.torch_decoders import StaticDecoder, static_supported
+
+    model = _random_decoder_model(kind)
+    assert static_supported(model)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
+    rows = _run(model, prompts, StaticDecoder, temperature=0.8, max_tokens=20)
+    for i, row in enumerate(rows):
+        ref = full_forward_logprobs(model, prompts[i // 2], row.token_ids, 0.8)
+        torch.testing.assert_close(torch.tensor(row.logprobs), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_decoder_rms_norm_is_the_models(dtype):
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from rollout_server.torch_decoders import _rms_norm
+
+    torch.manual_seed(0)
+    norm = Qwen2RMSNorm(64, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = (torch.randn(5, 1, 64) * 3).to(dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _rms_norm(x, norm.weight, norm.variance_epsilon), norm(x), atol=1e-6, rtol=0
+        )
+
+
+def test_static_decoder_follows_new_weights(tiny):
+    """The decoder joins q/k/v and gate/up into copies, kept between requests: a weight written in place
+    (trainer-style copy) or moved to new memory (the torch backend's swap) must be seen by the next request."""
+    from rollout_server.torch_decoders import StaticDecoder
+
+    model, _ = tiny
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        before = _run(model, prompts, StaticDecoder, temperature=0.0, max_tokens=8)
+        att, mlp = model.model.layers[0].self_attn, model.model.layers[-1].mlp
+        with torch.no_grad():
+            att.k_proj.weight.mul_(-3.0)  # in place: same memory, new version
+            mlp.up_proj.weight.data = mlp.up_proj.weight.data * 4.0  # new memory
+        after = _run(model, prompts, StaticDecoder, temperature=0.7, max_tokens=8)
+        assert [r.token_ids for r in after] != [r.token_ids for r in before]
+        for i, row in enumerate(after):
+            ref = full_forward_logprobs(model, prompts[i // 2], row.token_ids, 0.7)
+            torch.testing.assert_close(torch.tensor(row.logprobs), ref, atol=1e-4, rtol=0)
+    finally:
+        model.load_state_dict(state)
+
+
 def test_eos_and_dropping_finished_rows(tiny):
     from rollout_server.torch_decoders import StaticDecoder
 
