@@ -76,6 +76,10 @@ def _engine_classes():
             super().__init__(config, vllm_config, device, model)
             self.group = None
             self.rank = 0
+            # The previous update's receive buffers, one per bucket. vLLM's reload copies what it loads into
+            # the layers' own storage (finish_weight_update ends it), so they are free by the next update;
+            # receiving into warm pages instead of fresh ones saves the page faults of a model's worth of RAM.
+            self.buffers: list[torch.Tensor] = []
 
         def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
             from vllm.distributed import get_tensor_model_parallel_rank
@@ -139,15 +143,29 @@ def _engine_classes():
             deadline = time.monotonic() + update_info.timeout_s
             # Stage every bucket before loading any: an update that fails midway then loads nothing, and
             # finish_weight_update (always called) puts the old weights back. Each bucket has its own
-            # buffer, so the unpacked views stay valid until the load. Costs one model copy of RAM.
+            # buffer, so the unpacked views stay valid until the load. Costs one model copy of RAM, kept.
             staged: list[tuple[str, torch.Tensor]] = []
+            spare, used = self.buffers, []
+
+            def alloc(nbytes: int) -> torch.Tensor:
+                k = len(used)
+                fits = k < len(spare) and spare[k].numel() >= nbytes
+                used.append(
+                    spare[k] if fits else torch.empty(nbytes, dtype=torch.uint8, device=self.group.device)
+                )
+                return used[-1][:nbytes]
+
             t0 = time.monotonic()
-            server_receive(self.group, manifest, buckets, deadline, staged.extend)
+            try:
+                server_receive(self.group, manifest, buckets, deadline, staged.extend, alloc=alloc)
+            finally:
+                self.buffers = used + spare[len(used) :]
             wire_s = time.monotonic() - t0
             self.model.load_weights(staged)
             return wire_s
 
         def shutdown(self) -> None:
+            self.buffers = []
             if self.group is not None:
                 self.group.close()
                 self.group = None

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_rollout import RAW_RECEIVER, free_port, random_qwen2, start_server  # noqa: E402
+from bench_rollout import RAW_RECEIVER, flat_copy, free_port, random_qwen2, start_server  # noqa: E402
 
 
 def model_dirs(args) -> list[tuple[str, Path]]:
@@ -117,6 +117,7 @@ def bench_generation(args, label: str, model_dir: Path) -> list[str]:
 
 
 def bench_sync_into_vllm(args, model_dir: Path) -> list[str]:
+    """Raw broadcasts and pushes from both parameter layouts (see bench_rollout.flat_copy), alternating."""
     import httpx
 
     from rollout_server.client import WeightSyncClient
@@ -125,6 +126,7 @@ def bench_sync_into_vllm(args, model_dir: Path) -> list[str]:
 
     model = _load(model_dir)
     named = list(model.named_parameters())
+    layouts = {"separate tensors": named, "flat buffer (the trainer's ZeRO-1/2 layout)": flat_copy(named)}
     manifest = WeightManifest.from_named_tensors(named)
     nbytes = manifest.total_bytes
     proc, url = start_server(model_dir, "vllm")
@@ -134,30 +136,36 @@ def bench_sync_into_vllm(args, model_dir: Path) -> list[str]:
         [sys.executable, "-c", RAW_RECEIVER, "127.0.0.1", str(raw_port), str(nbytes), str(args.repeats)],
         env=env,
     )
+    bucket = args.bucket_mib << 20
+    parts = ("push", "handshake", "wire", "load", "first token")
+    times = {layout: {part: [] for part in parts} for layout in layouts}
     try:
         raw = join_group(open_store("127.0.0.1", raw_port, True, 60), "127.0.0.1", 0, 2, "gloo", 300)
         buf = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)  # [nbytes]
         sync = WeightSyncClient(url)
         sync.init_transfer("127.0.0.1", free_port(), backend="gloo", timeout_s=120)
-        sync.push(manifest, iter(named), version=1, bucket_bytes=args.bucket_mib << 20)  # warm-up
-        raw_t, push_t, first_token = [], [], []
-        parts: dict[str, list[float]] = {"handshake": [], "wire": [], "load": []}
+        sync.push(manifest, iter(named), version=1, bucket_bytes=bucket)  # warm-up
+        raw_t = []
+        version = 1
         one_token = {"prompt_token_ids": [[11, 12, 13]], "max_tokens": 1, "temperature": 0}
-        for rep in range(args.repeats):
+        for _ in range(args.repeats):
             t0 = time.perf_counter()
             raw.broadcast(buf)
             raw_t.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            res = sync.push(manifest, iter(named), version=rep + 2, bucket_bytes=args.bucket_mib << 20)
-            push_t.append(res.seconds)
-            parts["handshake"].append(res.handshake_s)
-            parts["wire"].append(
-                res.servers[0].receive_s
-            )  # buckets on the wire, as the server's worker saw it
-            parts["load"].append(res.servers[0].swap_s)  # pause, vLLM's layer-wise reload, finalise, resume
-            r = httpx.post(url + "/generate", json=one_token, timeout=300).json()
-            first_token.append(time.perf_counter() - t0)
-            assert r["weight_version"] == rep + 2, r
+            for layout, tensors in layouts.items():
+                version += 1
+                t0 = time.perf_counter()
+                res = sync.push(manifest, iter(tensors), version=version, bucket_bytes=bucket)
+                r = httpx.post(url + "/generate", json=one_token, timeout=300).json()
+                t = times[layout]
+                t["first token"].append(time.perf_counter() - t0)
+                assert r["weight_version"] == version, r
+                t["push"].append(res.seconds)
+                t["handshake"].append(res.handshake_s)
+                t["wire"].append(
+                    res.servers[0].receive_s
+                )  # buckets on the wire, as the server's worker saw it
+                t["load"].append(res.servers[0].swap_s)  # pause, vLLM's layer-wise reload, finalise, resume
         sync.close()
         receiver.wait(timeout=120)
     finally:
@@ -169,23 +177,24 @@ def bench_sync_into_vllm(args, model_dir: Path) -> list[str]:
                 except subprocess.TimeoutExpired:
                     p.kill()
     med = statistics.median
-    return [
-        f"| raw gloo broadcast of {nbytes / 1e6:.1f} MB (1 buffer) | {min(raw_t) * 1e3:.0f} ms | "
-        f"{med(raw_t) * 1e3:.0f} ms | 1.00x / 1.00x |",
-        f"| push into vLLM ({len(named)} tensors, {args.bucket_mib} MiB buckets) | {min(push_t) * 1e3:.0f} ms | "
-        f"{med(push_t) * 1e3:.0f} ms | {min(push_t) / min(raw_t):.2f}x / {med(push_t) / med(raw_t):.2f}x |",
-        *(
-            f"| - of which {what} | {min(v) * 1e3:.0f} ms | {med(v) * 1e3:.0f} ms | "
-            f"{min(v) / min(raw_t):.2f}x / {med(v) / med(raw_t):.2f}x |"
-            for what, v in (
-                ("the handshake (HTTP + store)", parts["handshake"]),
-                ("the buckets on the wire (server side)", parts["wire"]),
-                ("loading into vLLM (pause, layer-wise reload, resume)", parts["load"]),
-            )
-        ),
-        f"| push start -> first token on the new weights | {min(first_token) * 1e3:.0f} ms | "
-        f"{med(first_token) * 1e3:.0f} ms | |",
-    ]
+
+    def row(what: str, v: list[float], ratio: bool = True) -> str:
+        vs = f"{min(v) / min(raw_t):.2f}x / {med(v) / med(raw_t):.2f}x" if ratio else ""
+        return f"| {what} | {min(v) * 1e3:.0f} ms | {med(v) * 1e3:.0f} ms | {vs} |"
+
+    lines = [row(f"raw gloo broadcast of {nbytes / 1e6:.1f} MB (1 buffer)", raw_t)]
+    for layout, t in times.items():
+        lines += [
+            row(
+                f"push into vLLM from {layout} ({len(named)} tensors, {args.bucket_mib} MiB buckets)",
+                t["push"],
+            ),
+            row("- of which the handshake (HTTP + store)", t["handshake"]),
+            row("- of which the buckets on the wire (server side)", t["wire"]),
+            row("- of which loading into vLLM (pause, layer-wise reload, resume)", t["load"]),
+            row("push start -> first token on the new weights", t["first token"], ratio=False),
+        ]
+    return lines
 
 
 def main() -> None:
