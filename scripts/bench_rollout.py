@@ -7,10 +7,12 @@
 2. Weight sync: `WeightSyncClient.push` to a real `python -m rollout_server` process (HTTP handshake, buckets
    over gloo, unpack + swap on the server) against a raw gloo broadcast of the same number of bytes between two
    processes (one flat buffer, nothing else), for a ~80 MB float32 model (`--sync-hidden 1024 --sync-vocab
-   32768`: ~314 MB). Two layouts of the trainer's parameters are pushed: `separate` (one allocation per
-   tensor, as `from_pretrained` leaves them: every bucket is packed, i.e. copied) and `flat` (views of one
+   32768`: ~314 MB). Three layouts of the trainer's parameters are pushed: `separate` (one allocation per
+   tensor, as `from_pretrained` leaves them: every bucket is packed, i.e. copied), `flat` (views of one
    flat buffer, the layout DeepSpeed ZeRO-1/2 gives the trainer's parameters: buckets are sent from the
-   parameters' own memory, no copy; the trainer reports it as `sync/copied_bytes` = 0).
+   parameters' own memory, no copy; the trainer reports it as `sync/copied_bytes` = 0) and `zero3` (a real
+   one-rank DeepSpeed ZeRO-3 engine: each bucket's parameters are all-gathered, then packed, as the trainer
+   pushes under ZeRO-3; `--skip-zero3` leaves it out).
 
     python scripts/bench_rollout.py            # or: make bench-rollout
     python scripts/bench_rollout.py --skip-sync --prompts 8
@@ -171,6 +173,40 @@ def flat_copy(named: list) -> list:
     return [(name, v) for (name, _), v in zip(named, views, strict=True)]
 
 
+def zero3_layout(model_dir: Path, named: list):
+    """The same model under DeepSpeed ZeRO-3 (one rank over gloo, as the trainer builds it), and a function
+    giving, for a bucket size, the trainer's own push iterator: each bucket's parameters gathered, then yielded
+    as gathered (`trainer.weight_sync.iter_full_tensors`, as `WeightSync` calls it)."""
+    import torch.distributed as dist
+
+    from rollout_server.protocol import WeightManifest, plan_buckets
+    from trainer.config import load_config
+    from trainer.distributed import free_port as trainer_port
+    from trainer.engine_setup import build_engine
+    from trainer.weight_sync import iter_full_tensors, named_hf_parameters
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(trainer_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+    )
+    dist.init_process_group("gloo")
+    cfg = load_config(
+        str(REPO / "configs/cpu-tiny-test.yaml"),
+        [f"model.name_or_path={model_dir}", "deepspeed.zero_stage=3"],
+    )
+    engine, _, _ = build_engine(cfg, str(model_dir), 1, 1000)
+    params = named_hf_parameters(engine.module.model)
+    assert [n for n, _ in params] == [n for n, _ in named], (
+        "ZeRO-3 model's parameters differ from the manifest"
+    )
+    manifest = WeightManifest.from_named_tensors(named)
+
+    def tensors(bucket_bytes: int):
+        groups = [[it.index for it in b.items] for b in plan_buckets(manifest, bucket_bytes)]
+        return iter_full_tensors(params, True, groups, None, send=True, copy=False)
+
+    return tensors
+
+
 def bench_sync(args) -> list[tuple[str, str, str]]:
     """Raw broadcasts and pushes (each layout) alternate (same load for all); best and median of `repeats`."""
     from rollout_server.client import WeightSyncClient
@@ -178,7 +214,10 @@ def bench_sync(args) -> list[tuple[str, str, str]]:
     from rollout_server.weight_transfer import join_group, open_store
 
     model_dir, named = save_sync_model(args)
-    layouts = {"separate": named, "flat": flat_copy(named)}
+    flat = flat_copy(named)
+    layouts = {"separate": lambda _: iter(named), "flat": lambda _: iter(flat)}
+    if not args.skip_zero3:
+        layouts["zero3"] = zero3_layout(model_dir, named)
     manifest = WeightManifest.from_named_tensors(named)
     nbytes = manifest.total_bytes
     buckets = [int(float(x) * (1 << 20)) for x in args.sync_buckets_mib.split(",")]
@@ -199,7 +238,7 @@ def bench_sync(args) -> list[tuple[str, str, str]]:
         version = 0
         for tensors in layouts.values():  # warm-up (first allocations on both sides)
             version += 1
-            sync.push(manifest, iter(tensors), version=version, bucket_bytes=buckets[0])
+            sync.push(manifest, tensors(buckets[0]), version=version, bucket_bytes=buckets[0])
         for bucket in buckets:
             raw_t: list[float] = []
             runs: dict[str, list] = {name: [] for name in layouts}
@@ -210,7 +249,7 @@ def bench_sync(args) -> list[tuple[str, str, str]]:
                 for name, tensors in layouts.items():
                     version += 1
                     runs[name].append(
-                        sync.push(manifest, iter(tensors), version=version, bucket_bytes=bucket)
+                        sync.push(manifest, tensors(bucket), version=version, bucket_bytes=bucket)
                     )
             rows.append(
                 (
@@ -262,6 +301,7 @@ def main() -> None:
     p.add_argument("--sync-buckets-mib", default="256,32,8,1", help="Bucket sizes to push with, in MiB.")
     p.add_argument("--skip-sync", action="store_true")
     p.add_argument("--skip-generation", action="store_true")
+    p.add_argument("--skip-zero3", action="store_true", help="Do not push from a ZeRO-3 engine.")
     args = p.parse_args()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"

@@ -75,6 +75,31 @@ def test_pack_unpack_round_trip_with_unaligned_offsets():
             assert name == it.name and got.dtype == want.dtype and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("slots", [None, []])
+def test_packer_is_done_with_a_bucket_before_it_asks_for_the_next(slots):
+    """The trainer's ZeRO-3 push yields gathered tensors that DeepSpeed frees when the next bucket's gather
+    starts (no copy of ours in between): the packer must have packed (or sent, if borrowed) a bucket by the
+    time it asks for the next bucket's first tensor. Here the tensors are poisoned at that moment."""
+    from rollout_server.weight_transfer import iter_packed_buckets
+
+    named = mixed_named(3)
+    m = P.WeightManifest.from_named_tensors(named)
+    buckets = P.plan_buckets(m, 40)
+    assert any(len(b.items) == 1 for b in buckets) and any(len(b.items) > 1 for b in buckets)
+
+    def gathered():
+        for b in buckets:
+            live = [named[it.index][1].clone() for it in b.items]  # this bucket's "gathered" tensors
+            for it, t in zip(b.items, live, strict=True):
+                yield it.name, t
+            for t in live:  # the gather ends: its memory is gone
+                t.view(torch.uint8).fill_(0xFF)
+
+    sent = [buf.clone() for buf, _ in iter_packed_buckets(m, gathered(), 40, torch.device("cpu"), slots)]
+    want = [P.pack_bucket(b, [named[it.index][1] for it in b.items]) for b in buckets]
+    assert len(sent) == len(want) and all(torch.equal(a, b) for a, b in zip(sent, want, strict=True))
+
+
 @needs_vllm_src
 @pytest.mark.filterwarnings("ignore:Tensor")
 def test_buckets_are_byte_identical_to_vllm_packing():

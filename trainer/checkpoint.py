@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from trainer.distributed import all_gather_object, broadcast_object
-from trainer.weight_sync import iter_full_tensors
+from trainer.weight_sync import gather_groups, iter_full_tensors
 
 log = logging.getLogger(__name__)
 
@@ -263,9 +263,8 @@ def export_hf(hf_model, tokenizer, out_dir: Path, rank: int, zero3: bool) -> Non
     params = list(hf_model.named_parameters())
     if zero3:
         # Gather in ~256 MB groups; rank 0 keeps CPU copies, others only join the all-gathers.
-        state = {
-            name: t.cpu() for name, t in iter_full_tensors(params, True, 256 << 20, None, send=rank == 0)
-        }
+        groups = gather_groups(params, 256 << 20, params[0][1].element_size())
+        state = {name: t.cpu() for name, t in iter_full_tensors(params, True, groups, None, send=rank == 0)}
     else:
         state = None
     if rank == 0:

@@ -6,11 +6,13 @@ them, rank 0 sends. Recovery lives here, not in the loop: a failed push (a serve
 group is gone) waits for every server to be ready again (``wait_servers_ready``), re-opens the group and
 pushes once more; a second failure raises.
 
-Under ZeRO-3 no rank holds the full model, so parameters are gathered a bucket's worth at a time
-(``deepspeed.zero.GatheredParameters`` on a subset of parameters; every rank joins the all-gather, only rank 0
-sends). The client consumes tensors lazily in manifest order, so at most one gathered bucket (plus the packed
-copy the client makes) is alive at a time. Under ZeRO-2 every rank has the full parameters and rank 0 sends
-them directly.
+Under ZeRO-3 no rank holds the full model, so parameters are gathered one bucket at a time
+(``deepspeed.zero.GatheredParameters`` on exactly the parameters of one bucket of ``plan_buckets``; every rank
+joins the all-gather, only rank 0 sends). The client consumes tensors lazily in manifest order and packs a
+bucket before it asks for the next bucket's first tensor, which is when the gather of the previous one ends:
+so the gathered tensors are packed straight from DeepSpeed's memory (no copy of our own before the pack),
+and at most one gathered bucket plus its packed copy is alive at a time. Under ZeRO-2 every rank has the
+full parameters and rank 0 sends them directly.
 
 The transfer itself (HTTP announce + packed broadcast over a dedicated gloo/NCCL group) is
 ``rollout_server.client.WeightSyncClient``; every step of it has a timeout (``rollout.sync_timeout_s``).
@@ -69,11 +71,17 @@ def gather_groups(
 def iter_full_tensors(
     params: list[tuple[str, torch.nn.Parameter]],
     zero3: bool,
-    bucket_bytes: int,
+    groups: list[list[int]],
     dtype: torch.dtype | None,
     send: bool,
+    copy: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Full (gathered) tensors in order. Every rank must drain this iterator (ZeRO-3 all-gathers inside)."""
+    """Full (gathered) tensors in order. Every rank must drain this iterator (ZeRO-3 all-gathers inside).
+
+    Under ZeRO-3 the parameters of each of ``groups`` (consecutive indices into ``params``) are gathered
+    together. ``copy=False`` yields the gathered tensors themselves: each is valid only until this iterator is
+    asked for the first tensor after its group, so a consumer must be done with a whole group by then (the
+    weight push is: ``groups`` are its buckets). Under ZeRO-1/2 the parameters themselves are yielded."""
     if not zero3:
         for name, p in params:
             t = p.detach()
@@ -81,16 +89,19 @@ def iter_full_tensors(
         return
     import deepspeed
 
-    itemsize = torch.tensor([], dtype=dtype or params[0][1].dtype).element_size()
-    for group in gather_groups(params, bucket_bytes, itemsize):
+    if [i for g in groups for i in g] != list(range(len(params))):
+        raise ValueError(f"gather groups must cover the {len(params)} parameters once, in order")
+    for group in groups:
         subset = [params[i][1] for i in group]
         with deepspeed.zero.GatheredParameters(subset, modifier_rank=None):
             for i in group:
                 name, p = params[i]
                 if send:
-                    # A copy: the gathered storage is freed when the context exits, possibly before the
-                    # client has packed this tensor into its current bucket.
-                    t = p.detach().to(dtype) if dtype is not None else p.detach().clone()
+                    t = p.detach()
+                    if dtype is not None and t.dtype != dtype:
+                        t = t.to(dtype)  # a new tensor: outlives the gather
+                    elif copy:
+                        t = t.clone()  # the gathered storage is freed when the context exits
                     yield name, t
 
 
@@ -126,16 +137,20 @@ class WeightSync:
         self.wait_servers_ready = wait_servers_ready
         self.client = None
         self.server_urls = list(server_urls)
-        if rank == 0:
-            from rollout_server.client import WeightSyncClient
-            from rollout_server.protocol import TensorSpec, WeightManifest, dtype_name
+        from rollout_server.client import WeightSyncClient
+        from rollout_server.protocol import TensorSpec, WeightManifest, dtype_name, plan_buckets
 
+        specs = []
+        for name, p in self.params:
+            shape = [int(d) for d in (getattr(p, "ds_shape", None) or p.shape)]
+            specs.append(TensorSpec(name=name, dtype=dtype_name(dtype or p.dtype), shape=shape))
+        self.manifest = WeightManifest(tensors=specs)
+        # Every rank gathers (ZeRO-3) exactly the parameters of one bucket at a time: see the module docstring.
+        self.gather_groups = [
+            [item.index for item in b.items] for b in plan_buckets(self.manifest, bucket_bytes)
+        ]
+        if rank == 0:
             self.client = WeightSyncClient(server_urls, api_token=api_token, http_timeout_s=timeout_s)
-            specs = []
-            for name, p in self.params:
-                shape = [int(d) for d in (getattr(p, "ds_shape", None) or p.shape)]
-                specs.append(TensorSpec(name=name, dtype=dtype_name(dtype or p.dtype), shape=shape))
-            self.manifest = WeightManifest(tensors=specs)
 
     def connect(self) -> None:
         """Open the transfer group (rank 0); all ranks learn whether it worked."""
@@ -180,7 +195,7 @@ class WeightSync:
     def _push_once(self, version: int) -> dict[str, float]:
         t0 = time.perf_counter()
         tensors = iter_full_tensors(
-            self.params, self.zero3, self.bucket_bytes, self.dtype, send=self.rank == 0
+            self.params, self.zero3, self.gather_groups, self.dtype, send=self.rank == 0, copy=False
         )
         result: dict[str, float] | str
         if self.rank == 0:
