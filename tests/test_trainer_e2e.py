@@ -259,7 +259,8 @@ def test_num_iterations_two_updates_twice_per_batch_and_pushes_once(tiny_model_d
     assert [m["step"] for m in rows] == [1, 2, 3, 4]
     assert [m["weight_version/pushed"] for m in rows] == [1, 2, 3, 4]
     for m in rows:  # the metrics are the last iteration's: the policy moved once since the old log-probs
-        assert m["reward/digit_fraction/std"] > 0 and m["grad_norm"] > 0  # (a reward that varies: a real update)
+        # a reward that varies, so a real update
+        assert m["reward/digit_fraction/std"] > 0 and m["grad_norm"] > 0
         assert abs(m["train/ratio_mean"] - 1.0) > 1e-5, m["train/ratio_mean"]
     probes = read_jsonl(tmp_path / "it2" / "debug" / "probes.jsonl")
     assert [(p["pushed_version"], p["server_version"]) for p in probes] == [(v, v) for v in range(5)]
