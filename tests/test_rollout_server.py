@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,18 +27,13 @@ from rollout_server.client import (
     WeightSyncRejected,
 )
 from rollout_server.protocol import GenerateRequest, WeightManifest
+from rollout_server.spawn import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-secret"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model_dir: Path, *extra: str, timeout_s: float | None = None, backend: str = "torch"):

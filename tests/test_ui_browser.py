@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from rollout_server.spawn import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts" / "ui"
@@ -36,12 +37,6 @@ CHROMIUM_ARGS = [
 ]
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
@@ -105,7 +100,7 @@ def formatted_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rollout_url(formatted_model_dir, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("server-log") / "server.log"
     cmd = [
         sys.executable,
@@ -193,8 +188,8 @@ def run_dir(tmp_path) -> Path:
 
 @pytest.fixture()
 def ui_url(rollout_url, run_dir, tmp_path):
-    port = _free_port()
-    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there: the page must show an error
+    port = free_port()
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: the page must show an error
     cmd = [
         sys.executable,
         "-m",
@@ -331,7 +326,7 @@ def test_run_page_errors(page, ui_url, tmp_path):
 @pytest.fixture(scope="module")
 def real_run_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A run folder written by a real trainer run (3 GRPO steps of the tiny model against a real server)."""
-    from tests.trainer_support import free_port, read_log, rollout_server, start_trainer, wait_all
+    from tests.trainer_support import read_log, rollout_server, start_trainer, wait_all
 
     out = tmp_path_factory.mktemp("real-run")
     with rollout_server(tiny_model_dir, out / "server.log") as (url, _server):

@@ -10,13 +10,14 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from rollout_server.spawn import free_port  # noqa: F401 (the tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,12 +30,6 @@ def digit_fraction(prompts=None, completions=(), **columns) -> list[float]:
         text = c if isinstance(c, str) else c[-1]["content"]
         out.append(sum(ch.isdigit() for ch in text) / max(len(text), 1))
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(**extra: str) -> dict[str, str]:
