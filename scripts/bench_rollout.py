@@ -181,12 +181,11 @@ def zero3_layout(model_dir: Path, named: list):
 
     from rollout_server.protocol import WeightManifest, plan_buckets
     from trainer.config import load_config
-    from trainer.distributed import free_port as trainer_port
     from trainer.engine_setup import build_engine
     from trainer.weight_sync import iter_full_tensors, named_hf_parameters
 
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(trainer_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
     )
     dist.init_process_group("gloo")
     cfg = load_config(

@@ -45,8 +45,8 @@ def main() -> int:
     import torch
     import torch.distributed as dist
 
+    from rollout_server.spawn import free_port
     from trainer.config import load_config
-    from trainer.distributed import free_port
     from trainer.engine_setup import build_engine
     from trainer.tiny_model import build_tiny_model
     from trainer.update_stage import TrainBatch, TrainRow, UpdateStage
