@@ -35,6 +35,7 @@ from rollout_server.weight_transfer import (
     open_store,
     server_receive,
     server_wait_go,
+    take_spare,
 )
 
 log = logging.getLogger("rollout_server")
@@ -200,7 +201,7 @@ class TorchBackend(Backend):
         received: list[torch.Tensor] = []
 
         def alloc(nbytes: int) -> torch.Tensor:
-            buf = self._take_spare(nbytes)
+            buf = take_spare(self._spares, nbytes, group.device)
             received.append(buf)
             return buf
 
@@ -259,13 +260,6 @@ class TorchBackend(Backend):
         if buf is not None:
             self._backing[id(param)] = buf
             self._users.setdefault(id(buf), set()).add(id(param))
-
-    def _take_spare(self, nbytes: int) -> torch.Tensor:
-        fits = [i for i, s in enumerate(self._spares) if s.numel() >= nbytes]
-        if fits:
-            best = min(fits, key=lambda i: self._spares[i].numel())
-            return self._spares.pop(best)[:nbytes]  # by index: list.remove would compare tensors elementwise
-        return torch.empty(nbytes, dtype=torch.uint8)  # [nbytes] (gloo receives on CPU)
 
     def shutdown(self) -> None:
         self.close_weight_transfer()

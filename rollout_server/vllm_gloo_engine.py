@@ -127,7 +127,7 @@ def _engine_classes():
         def receive_weights(self, update_info: GlooUpdateInfo) -> float:
             """Receive every bucket, then load them; returns the seconds the buckets took on the wire."""
             from rollout_server.protocol import TensorSpec, WeightManifest, plan_buckets
-            from rollout_server.weight_transfer import WeightTransferError, server_receive
+            from rollout_server.weight_transfer import WeightTransferError, server_receive, take_spare
 
             if self.group is None:
                 raise WeightTransferError("gloo weight transfer not initialised: call init first")
@@ -145,21 +145,17 @@ def _engine_classes():
             # finish_weight_update (always called) puts the old weights back. Each bucket has its own
             # buffer, so the unpacked views stay valid until the load. Costs one model copy of RAM, kept.
             staged: list[tuple[str, torch.Tensor]] = []
-            spare, used = self.buffers, []
+            used: list[torch.Tensor] = []
 
             def alloc(nbytes: int) -> torch.Tensor:
-                k = len(used)
-                fits = k < len(spare) and spare[k].numel() >= nbytes
-                used.append(
-                    spare[k] if fits else torch.empty(nbytes, dtype=torch.uint8, device=self.group.device)
-                )
-                return used[-1][:nbytes]
+                used.append(take_spare(self.buffers, nbytes, self.group.device))
+                return used[-1]
 
             t0 = time.monotonic()
             try:
                 server_receive(self.group, manifest, buckets, deadline, staged.extend, alloc=alloc)
             finally:
-                self.buffers = used + spare[len(used) :]
+                self.buffers.extend(used)
             wire_s = time.monotonic() - t0
             self.model.load_weights(staged)
             return wire_s

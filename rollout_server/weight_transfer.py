@@ -177,6 +177,16 @@ def server_wait_go(group: TransferGroup, sync_id: str, timeout_s: float) -> bool
         ) from e
 
 
+def take_spare(spares: list[torch.Tensor], nbytes: int, device: torch.device) -> torch.Tensor:
+    """A receive buffer of ``nbytes``: the smallest of ``spares`` that fits (removed from the list), else a new
+    one. Reused buffers have warm pages: faulting in fresh memory each sync costs as much as the transfer."""
+    fits = [i for i, s in enumerate(spares) if s.numel() >= nbytes and s.device == device]
+    if fits:
+        best = min(fits, key=lambda i: spares[i].numel())
+        return spares.pop(best)[:nbytes]  # by index: list.remove would compare tensors elementwise
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)  # [nbytes]
+
+
 def server_receive(
     group: TransferGroup,
     manifest: WeightManifest,

@@ -179,10 +179,10 @@ def zero3_layout(model_dir: Path, named: list):
     as gathered (`trainer.weight_sync.iter_full_tensors`, as `WeightSync` calls it)."""
     import torch.distributed as dist
 
-    from rollout_server.protocol import WeightManifest, plan_buckets
+    from rollout_server.protocol import WeightManifest
     from trainer.config import load_config
     from trainer.engine_setup import build_engine
-    from trainer.weight_sync import iter_full_tensors, named_hf_parameters
+    from trainer.weight_sync import bucket_groups, iter_full_tensors, named_hf_parameters
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
@@ -200,7 +200,7 @@ def zero3_layout(model_dir: Path, named: list):
     manifest = WeightManifest.from_named_tensors(named)
 
     def tensors(bucket_bytes: int):
-        groups = [[it.index for it in b.items] for b in plan_buckets(manifest, bucket_bytes)]
+        groups = bucket_groups(manifest, bucket_bytes)
         return iter_full_tensors(params, True, groups, None, send=True, copy=False)
 
     return tensors

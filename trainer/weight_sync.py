@@ -68,6 +68,14 @@ def gather_groups(
     return groups
 
 
+def bucket_groups(manifest, bucket_bytes: int) -> list[list[int]]:
+    """The push's gather groups: exactly the parameters of each bucket of ``plan_buckets`` (see the module
+    docstring for why they must line up)."""
+    from rollout_server.protocol import plan_buckets
+
+    return [[item.index for item in b.items] for b in plan_buckets(manifest, bucket_bytes)]
+
+
 def iter_full_tensors(
     params: list[tuple[str, torch.nn.Parameter]],
     zero3: bool,
@@ -138,7 +146,7 @@ class WeightSync:
         self.client = None
         self.server_urls = list(server_urls)
         from rollout_server.client import WeightSyncClient
-        from rollout_server.protocol import TensorSpec, WeightManifest, dtype_name, plan_buckets
+        from rollout_server.protocol import TensorSpec, WeightManifest, dtype_name
 
         specs = []
         for name, p in self.params:
@@ -146,9 +154,7 @@ class WeightSync:
             specs.append(TensorSpec(name=name, dtype=dtype_name(dtype or p.dtype), shape=shape))
         self.manifest = WeightManifest(tensors=specs)
         # Every rank gathers (ZeRO-3) exactly the parameters of one bucket at a time: see the module docstring.
-        self.gather_groups = [
-            [item.index for item in b.items] for b in plan_buckets(self.manifest, bucket_bytes)
-        ]
+        self.gather_groups = bucket_groups(self.manifest, bucket_bytes)
         if rank == 0:
             self.client = WeightSyncClient(server_urls, api_token=api_token, http_timeout_s=timeout_s)
 
