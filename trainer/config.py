@@ -588,10 +588,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(
-            f"  {path}: {e['msg']}"
-            + (f" (got {e['input']!r})" if "input" in e and e["type"] != "missing" else "")
-        )
+        # The offending value helps; a whole section (a cross-field check's input) is a wall of text.
+        shown = "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict)
+        lines.append(f"  {path}: {e['msg']}" + (f" (got {e['input']!r})" if shown else ""))
     return "\n".join(lines)
 
 
