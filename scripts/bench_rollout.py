@@ -6,7 +6,8 @@
    `--repeats` is kept, so a busy shared machine penalises every method alike.
 2. Weight sync: `WeightSyncClient.push` to a real `python -m rollout_server` process (HTTP handshake, buckets
    over gloo, unpack + swap on the server) against a raw gloo broadcast of the same number of bytes between two
-   processes (one flat buffer, nothing else), for a ~80 MB float32 model (`--sync-hidden 1024 --sync-vocab
+   processes (one flat buffer, nothing else; and the same bytes in the push's own bucket sizes, which is
+   what gloo alone costs per bucket), for a ~80 MB float32 model (`--sync-hidden 1024 --sync-vocab
    32768`: ~314 MB). Three layouts of the trainer's parameters are pushed: `separate` (one allocation per
    tensor, as `from_pretrained` leaves them: every bucket is packed, i.e. copied), `flat` (views of one
    flat buffer, the layout DeepSpeed ZeRO-1/2 gives the trainer's parameters: buckets are sent from the
@@ -21,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -130,13 +132,19 @@ def bench_generation(args) -> list[tuple[str, str, str]]:
 
 # ---- 2. weight sync -----------------------------------------------------------------------------------------
 RAW_RECEIVER = """
-import sys, torch
+import json, sys, torch
 from rollout_server.weight_transfer import open_store, join_group
 addr, port, nbytes, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+pieces = json.loads(sys.argv[5])  # per bucket setting: the byte sizes of its buckets
 group = join_group(open_store(addr, port, False, 60), addr, 1, 2, "gloo", 300)
 buf = torch.empty(nbytes, dtype=torch.uint8)
-for _ in range(reps):
-    group.broadcast(buf)
+for sizes in pieces:
+    for _ in range(reps):
+        group.broadcast(buf)
+        offset = 0
+        for n in sizes:
+            group.broadcast(buf[offset : offset + n])
+            offset += n
 """
 
 
@@ -209,7 +217,7 @@ def zero3_layout(model_dir: Path, named: list):
 def bench_sync(args) -> list[tuple[str, str, str]]:
     """Raw broadcasts and pushes (each layout) alternate (same load for all); best and median of `repeats`."""
     from rollout_server.client import WeightSyncClient
-    from rollout_server.protocol import WeightManifest
+    from rollout_server.protocol import WeightManifest, plan_buckets
     from rollout_server.weight_transfer import join_group, open_store
 
     model_dir, named = save_sync_model(args)
@@ -223,9 +231,20 @@ def bench_sync(args) -> list[tuple[str, str, str]]:
     server, url = start_server(model_dir)
     raw_port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    reps = args.repeats * len(buckets)
+    # The same bytes in the same pieces as each push: what gloo alone costs per bucket.
+    pieces = [[b.nbytes for b in plan_buckets(manifest, bucket)] for bucket in buckets]
     receiver = subprocess.Popen(
-        [sys.executable, "-c", RAW_RECEIVER, "127.0.0.1", str(raw_port), str(nbytes), str(reps)], env=env
+        [
+            sys.executable,
+            "-c",
+            RAW_RECEIVER,
+            "127.0.0.1",
+            str(raw_port),
+            str(nbytes),
+            str(args.repeats),
+            json.dumps(pieces),
+        ],
+        env=env,
     )
     rows = []
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
@@ -238,13 +257,20 @@ def bench_sync(args) -> list[tuple[str, str, str]]:
         for tensors in layouts.values():  # warm-up (first allocations on both sides)
             version += 1
             sync.push(manifest, tensors(buckets[0]), version=version, bucket_bytes=buckets[0])
-        for bucket in buckets:
+        for bucket, sizes in zip(buckets, pieces, strict=True):
             raw_t: list[float] = []
+            raw_pieces_t: list[float] = []
             runs: dict[str, list] = {name: [] for name in layouts}
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
                 raw_group.broadcast(raw_buf)
                 raw_t.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                offset = 0
+                for n in sizes:
+                    raw_group.broadcast(raw_buf[offset : offset + n])
+                    offset += n
+                raw_pieces_t.append(time.perf_counter() - t0)
                 for name, tensors in layouts.items():
                     version += 1
                     runs[name].append(
@@ -254,6 +280,15 @@ def bench_sync(args) -> list[tuple[str, str, str]]:
                 (
                     f"raw gloo broadcast of {nbytes / 1e6:.1f} MB (1 buffer)",
                     f"{min(raw_t) * 1e3:.0f} ms, median {med(raw_t) * 1e3:.0f}",
+                    "1.00x / 1.00x",
+                    "",
+                )
+            )
+            rows.append(
+                (
+                    f"raw gloo broadcast of the same bytes in the push's {len(sizes)} bucket(s)",
+                    f"{min(raw_pieces_t) * 1e3:.0f} ms, median {med(raw_pieces_t) * 1e3:.0f}",
+                    f"{min(raw_pieces_t) / min(raw_t):.2f}x / {med(raw_pieces_t) / med(raw_t):.2f}x",
                     "1.00x / 1.00x",
                 )
             )
@@ -269,6 +304,7 @@ def bench_sync(args) -> list[tuple[str, str, str]]:
                         f"{best.handshake_s * 1e3:.0f}, send {best.send_s * 1e3:.0f}; server: receive "
                         f"{server_side.receive_s * 1e3:.0f}, swap {server_side.swap_s * 1e3:.1f})",
                         f"{min(push_t) / min(raw_t):.2f}x / {med(push_t) / med(raw_t):.2f}x",
+                        f"{min(push_t) / min(raw_pieces_t):.2f}x / {med(push_t) / med(raw_pieces_t):.2f}x",
                     )
                 )
         sync.close()
@@ -315,9 +351,12 @@ def main() -> None:
             print(f"| {r[0]} | {r[1]} | {r[2]} |")
     if not args.skip_sync:
         print(f"\n### Weight sync over gloo (CPU), best of {args.repeats}\n")
-        print("| method | time | vs raw broadcast (best / median) |\n|---|---|---|")
+        print(
+            "| method | time | vs raw broadcast, one buffer (best / median) | vs raw broadcast in the same "
+            "buckets |\n|---|---|---|---|"
+        )
         for r in bench_sync(args):
-            print(f"| {r[0]} | {r[1]} | {r[2]} |")
+            print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |")
 
 
 if __name__ == "__main__":

@@ -133,7 +133,17 @@ def bench_sync_into_vllm(args, model_dir: Path) -> list[str]:
     raw_port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO))
     receiver = subprocess.Popen(
-        [sys.executable, "-c", RAW_RECEIVER, "127.0.0.1", str(raw_port), str(nbytes), str(args.repeats)],
+        # one buffer per repeat, no bucketed broadcasts ("[[]]": one setting, no pieces)
+        [
+            sys.executable,
+            "-c",
+            RAW_RECEIVER,
+            "127.0.0.1",
+            str(raw_port),
+            str(nbytes),
+            str(args.repeats),
+            "[[]]",
+        ],
         env=env,
     )
     bucket = args.bucket_mib << 20
