@@ -150,9 +150,9 @@ def _skip_cpu_shm_comm_build() -> None:
 
 def _quiet_deepspeed_collective_deprecations() -> None:
     """DeepSpeed's ZeRO calls torch's ``all_gather_into_tensor`` / ``reduce_scatter_tensor``, which torch 2.13
-    deprecates. The warning is not the user's to act on, and it is not shown once: every ``catch_warnings``
-    elsewhere resets Python's once-per-place memory, so it came back ~2 times per step and rank (36 lines per
-    rank in a 16-step run)."""
+    deprecates. The warning is not the user's to act on, and it was not shown only once: it came back about
+    twice per step and rank (36 lines per rank in a 16-step run), because Python forgets which warnings it has
+    shown whenever the warning filters change (``catch_warnings`` does)."""
     warnings.filterwarnings(
         "ignore",
         message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
