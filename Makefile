@@ -16,7 +16,7 @@ install: .venv/.installed
 
 # Everything CI runs: fast unit tests, then the slow end-to-end ones.
 test: install
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow"
