@@ -131,21 +131,35 @@ def bench_generation(args) -> list[tuple[str, str, str]]:
 
 
 # ---- 2. weight sync -----------------------------------------------------------------------------------------
-RAW_RECEIVER = """
-import json, sys, torch
-from rollout_server.weight_transfer import open_store, join_group
-addr, port, nbytes, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-pieces = json.loads(sys.argv[5])  # per bucket setting: the byte sizes of its buckets
-group = join_group(open_store(addr, port, False, 60), addr, 1, 2, "gloo", 300)
-buf = torch.empty(nbytes, dtype=torch.uint8)
-for sizes in pieces:
-    for _ in range(reps):
-        group.broadcast(buf)
-        offset = 0
-        for n in sizes:
-            group.broadcast(buf[offset : offset + n])
-            offset += n
-"""
+def broadcast_in_pieces(group, buf: torch.Tensor, sizes: list[int]) -> None:
+    """Broadcast ``buf`` as consecutive slices of ``sizes`` bytes (a push's buckets), one collective each."""
+    offset = 0
+    for n in sizes:
+        group.broadcast(buf[offset : offset + n])
+        offset += n
+
+
+def raw_receive(addr: str, port: int, nbytes: int, repeats: int, pieces: list[list[int]]) -> None:
+    """The raw receiver's side (rank 1): for each bucket setting, ``repeats`` times, one broadcast of the whole
+    buffer, then the same bytes in that setting's pieces (none for an empty list): what the sender runs."""
+    from rollout_server.weight_transfer import join_group, open_store
+
+    group = join_group(open_store(addr, port, False, 60), addr, 1, 2, "gloo", 300)
+    buf = torch.empty(nbytes, dtype=torch.uint8)  # [nbytes]
+    for sizes in pieces:
+        for _ in range(repeats):
+            group.broadcast(buf)
+            broadcast_in_pieces(group, buf, sizes)
+
+
+def start_raw_receiver(port: int, nbytes: int, repeats: int, pieces: list[list[int]]) -> subprocess.Popen:
+    """``raw_receive`` in its own process, joining the sender's gloo group on 127.0.0.1:``port``."""
+    code = (
+        "import json, sys; from scripts.bench_rollout import raw_receive; raw_receive(sys.argv[1], "
+        "int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5]))"
+    )
+    argv = [sys.executable, "-c", code, "127.0.0.1", str(port), str(nbytes), str(repeats), json.dumps(pieces)]
+    return subprocess.Popen(argv, env=dict(os.environ, PYTHONPATH=str(REPO)))
 
 
 def start_server(
@@ -214,7 +228,7 @@ def zero3_layout(model_dir: Path, named: list):
     return tensors
 
 
-def bench_sync(args) -> list[tuple[str, str, str]]:
+def bench_sync(args) -> list[tuple[str, str, str, str]]:
     """Raw broadcasts and pushes (each layout) alternate (same load for all); best and median of `repeats`."""
     from rollout_server.client import WeightSyncClient
     from rollout_server.protocol import WeightManifest, plan_buckets
@@ -230,22 +244,9 @@ def bench_sync(args) -> list[tuple[str, str, str]]:
     buckets = [int(float(x) * (1 << 20)) for x in args.sync_buckets_mib.split(",")]
     server, url = start_server(model_dir)
     raw_port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO))
     # The same bytes in the same pieces as each push: what gloo alone costs per bucket.
     pieces = [[b.nbytes for b in plan_buckets(manifest, bucket)] for bucket in buckets]
-    receiver = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            RAW_RECEIVER,
-            "127.0.0.1",
-            str(raw_port),
-            str(nbytes),
-            str(args.repeats),
-            json.dumps(pieces),
-        ],
-        env=env,
-    )
+    receiver = start_raw_receiver(raw_port, nbytes, args.repeats, pieces)
     rows = []
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     try:
@@ -266,10 +267,7 @@ def bench_sync(args) -> list[tuple[str, str, str]]:
                 raw_group.broadcast(raw_buf)
                 raw_t.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                offset = 0
-                for n in sizes:
-                    raw_group.broadcast(raw_buf[offset : offset + n])
-                    offset += n
+                broadcast_in_pieces(raw_group, raw_buf, sizes)
                 raw_pieces_t.append(time.perf_counter() - t0)
                 for name, tensors in layouts.items():
                     version += 1

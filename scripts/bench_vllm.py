@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_rollout import RAW_RECEIVER, flat_copy, free_port, random_qwen2, start_server  # noqa: E402
+from bench_rollout import flat_copy, free_port, random_qwen2, start_raw_receiver, start_server  # noqa: E402
 
 
 def model_dirs(args) -> list[tuple[str, Path]]:
@@ -131,21 +131,7 @@ def bench_sync_into_vllm(args, model_dir: Path) -> list[str]:
     nbytes = manifest.total_bytes
     proc, url = start_server(model_dir, "vllm")
     raw_port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    receiver = subprocess.Popen(
-        # one buffer per repeat, no bucketed broadcasts ("[[]]": one setting, no pieces)
-        [
-            sys.executable,
-            "-c",
-            RAW_RECEIVER,
-            "127.0.0.1",
-            str(raw_port),
-            str(nbytes),
-            str(args.repeats),
-            "[[]]",
-        ],
-        env=env,
-    )
+    receiver = start_raw_receiver(raw_port, nbytes, args.repeats, [[]])  # one whole buffer per repeat
     bucket = args.bucket_mib << 20
     parts = ("push", "handshake", "wire", "load", "first token")
     times = {layout: {part: [] for part in parts} for layout in layouts}
