@@ -221,7 +221,11 @@ class DeepSpeedConfig(Section):
         50_000_000, ge=0, description="ZeRO-3 prefetch bucket (elements)."
     )
     reduce_bucket_size: int = Field(50_000_000, ge=1, description="Gradient reduce bucket (elements).")
-    offload_optimizer: bool = Field(False, description="Keep optimizer states on CPU (ZeRO-Offload).")
+    offload_optimizer: bool = Field(
+        False,
+        description="Keep optimizer states on CPU and step them there (ZeRO-Offload), with DeepSpeed's CPU "
+        "Adam: the first run compiles it (about a minute, needs a C++ compiler).",
+    )
     offload_param: bool = Field(False, description="Keep ZeRO-3 parameter shards on CPU.")
     bf16: Literal["auto", "true", "false"] = Field(
         "auto", description="bf16 mixed precision: auto = on CUDA only."

@@ -3,6 +3,8 @@
 Decisions taken here, each for a measured reason:
 - On CPU we pass ``torch.optim.AdamW`` to DeepSpeed: its fused CPU/GPU Adam ops JIT-compile (~60 s) on first
   use. On CUDA we also use torch's AdamW (fused=True): one code path, and same numerics on both devices.
+  The exception is ZeRO-Offload: DeepSpeed refuses a torch optimizer there, so it gets DeepSpeed's CPU Adam
+  (``build_optimizer``), the same update rule.
 - ``managed_gradient_accumulation: false``: ``engine.step()`` is the accumulation boundary, so the number of
   micro-batches (set by the token budget) may vary from step to step.
 - bf16 ``auto`` = bf16 on CUDA, fp32 on CPU (CPU bf16 matmuls are slow and the tests compare in fp32).
@@ -12,6 +14,7 @@ Decisions taken here, each for a measured reason:
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -21,6 +24,8 @@ import torch
 
 from trainer.config import TrainConfig
 from trainer.update_stage import LogprobPolicy
+
+log = logging.getLogger(__name__)
 
 
 def resolve_model_path(cfg: TrainConfig, is_main: bool) -> str:
@@ -160,6 +165,27 @@ def _quiet_deepspeed_collective_deprecations() -> None:
     )
 
 
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW with the config's settings. Under ZeRO-Offload (``deepspeed.offload_optimizer``) the optimizer
+    steps on the CPU, where DeepSpeed refuses a torch optimizer (too slow for a GPU node's model) and takes its
+    own vectorised CPU Adam: the same AdamW update (decoupled weight decay, bias correction), JIT-compiled on
+    first use (about a minute; needs a C++ compiler; cached under ~/.cache/torch_extensions)."""
+    o = cfg.optim
+    if cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        log.info(
+            "optimizer: DeepSpeed's CPU Adam for ZeRO-Offload (its first use compiles it, about a minute)"
+        )
+        return DeepSpeedCPUAdam(
+            params, lr=o.lr, betas=o.betas, eps=o.adam_eps, weight_decay=o.weight_decay, adamw_mode=True
+        )
+    fused = torch.cuda.is_available() or None
+    return torch.optim.AdamW(
+        params, lr=o.lr, betas=o.betas, eps=o.adam_eps, weight_decay=o.weight_decay, fused=fused
+    )
+
+
 def build_engine(cfg: TrainConfig, model_path: str, world_size: int, total_steps: int):
     """(engine, optimizer, scheduler); the engine wraps ``LogprobPolicy(hf_model)``: the HF model is
     ``engine.module.model`` and its parameter names carry a ``model.`` prefix inside the engine."""
@@ -176,11 +202,7 @@ def build_engine(cfg: TrainConfig, model_path: str, world_size: int, total_steps
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = LogprobPolicy(hf_model)
     o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = torch.cuda.is_available() and not cfg.deepspeed.offload_optimizer
-    optimizer = torch.optim.AdamW(
-        params, lr=o.lr, betas=o.betas, eps=o.adam_eps, weight_decay=o.weight_decay, fused=fused or None
-    )
+    optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda_factory(total_steps, o.warmup_ratio, o.scheduler)
     )
