@@ -9,16 +9,18 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 # System tools the tests use: Debian's Chromium drives the UI tests (Playwright cannot download its own
-# browser here) and docker-compose validates the compose file without a Docker engine.
+# browser here), docker-compose validates the compose file without a Docker engine, and g++ compiles
+# DeepSpeed's CPU Adam, which ZeRO-Offload runs use (deepspeed.offload_optimizer).
 if [ "${GRPO_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+  command -v g++ >/dev/null 2>&1 || missing+=(g++)
   if [ ${#missing[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     echo "[setup] installing system packages: ${missing[*]}"
     if ! ($SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null); then
-      echo "[setup] ERROR: could not install ${missing[*]} (needed by the UI and compose tests)." >&2
+      echo "[setup] ERROR: could not install ${missing[*]} (needed by the UI, compose and offload tests)." >&2
       echo "[setup] Install them yourself, or set GRPO_SKIP_APT=1 to go on without them." >&2
       exit 1
     fi
