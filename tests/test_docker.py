@@ -112,7 +112,9 @@ def test_dockerfile_keeps_its_promises():
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
     assert re.search(r"nvidia/cuda:\d+\.\d+", text), "base image must be a CUDA image"
     assert re.search(r"python3\.1[12]\b", text), "Python 3.11 or 3.12"
-    assert "-c constraints.txt" in text and ".[vllm]" in text, "the pinned stack + the vllm extra"
+    assert "-c constraints.txt" in text and ".[vllm,wandb]" in text, (
+        "the pinned stack + the vllm, wandb extras"
+    )
     users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
     assert users and users[-1] not in ("root", "0"), "the final user must not be root"
     assert any(ln.startswith("HEALTHCHECK ") for ln in lines)

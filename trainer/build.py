@@ -147,6 +147,7 @@ def _build_rollout_side(c: Components) -> None:
         wandb_project=cfg.logging.wandb_project,
         run_name=cfg.run.name,
         config=cfg.model_dump(mode="json"),
+        resume=c.resume_from is not None,
     )
     c.completions_log = CompletionsLogger(cfg.run_dir)
     versions = c.rollout.wait_until_ready()

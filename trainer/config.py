@@ -15,6 +15,7 @@ Overrides are ``dotted.path=value``; the value is parsed as a YAML scalar/flow v
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -318,13 +319,26 @@ class CheckpointConfig(Section):
 
 class LoggingConfig(Section):
     tensorboard: bool = Field(True, description="Write TensorBoard scalars to RUN_DIR/tensorboard.")
-    wandb_project: str | None = Field(None, description="Weights & Biases project (None = off).")
+    wandb_project: str | None = Field(
+        None,
+        description="Weights & Biases project (None = off). Needs the wandb package; its local files go to "
+        "RUN_DIR/wandb (or WANDB_DIR), WANDB_MODE=offline works without a network, and a resumed run "
+        "continues the same W&B run.",
+    )
     completions_every_steps: int = Field(
         10, ge=0, description="Append a sample to completions.jsonl every N steps (0 = off)."
     )
     completions_sample_size: int = Field(
         4, ge=1, le=100000, description="Prompts (with all their completions) sampled."
     )
+
+    @field_validator("wandb_project")
+    @classmethod
+    def _wandb_installed(cls, v: str | None) -> str | None:
+        # Checked here so the run stops before anything starts, not after the model has loaded.
+        if v and importlib.util.find_spec("wandb") is None:
+            raise ValueError("needs the wandb package, which is not installed here (pip install wandb)")
+        return v
 
 
 class WarmStartConfig(Section):

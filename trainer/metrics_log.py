@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ class MetricsLogger:
         wandb_project: str | None = None,
         run_name: str = "",
         config: dict | None = None,
+        resume: bool = False,
     ):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,9 +45,7 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
         if wandb_project:
-            import wandb  # optional dependency: only imported when configured
-
-            self._wandb = wandb.init(project=wandb_project, name=run_name or None, config=config or {})
+            self._wandb = start_wandb(Path(run_dir), wandb_project, run_name, config or {}, resume)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
@@ -65,6 +65,28 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def start_wandb(run_dir: Path, project: str, run_name: str, config: dict, resume: bool):
+    """The W&B run of RUN_DIR. Its id is kept in RUN_DIR/wandb-run-id, so a resumed run continues the same W&B
+    run (one set of curves per training run, not one per restart). Local files go to RUN_DIR/wandb unless
+    WANDB_DIR is set. W&B is a mirror: a process killed hard loses what wandb had not written yet (offline, a
+    trainer that exited hard after 3 steps had written none of them), while metrics.jsonl is flushed every
+    step and stays the record."""
+    import wandb  # optional dependency: only imported when configured
+
+    id_file = run_dir / "wandb-run-id"
+    run_id = id_file.read_text().strip() if resume and id_file.exists() else None
+    run = wandb.init(
+        project=project,
+        name=run_name or None,
+        config=config,
+        id=run_id,  # None: wandb makes a new one
+        resume="allow",
+        dir=os.environ.get("WANDB_DIR") or str(run_dir),
+    )
+    id_file.write_text(run.id)
+    return run
 
 
 class CompletionsLogger:
