@@ -162,7 +162,9 @@ def _health(url: str) -> dict:
     return httpx.get(url + "/health", timeout=5).json()
 
 
-def test_launch_runs_warm_start_grpo_and_writes_report(tmp_path, launches):
+def test_launch_runs_warm_start_then_grpo_on_two_servers_and_writes_report(tmp_path, launches):
+    """The whole launcher path with two rollout servers (vLLM where installed): Ray places both (half a CPU
+    each on this 2-core machine), every push reaches both, and each serves the pushed version."""
     run = Launch(
         tmp_path,
         "e2e",
@@ -171,6 +173,9 @@ def test_launch_runs_warm_start_grpo_and_writes_report(tmp_path, launches):
             "checkpoint.every_steps=3",
             "warm_start.num_prompts=64",
             "eval.num_problems=40",
+            "launch.num_rollout_servers=2",
+            "launch.cpus_per_process=0.5",
+            "debug.probe_after_sync=true",
         ],
     )
     launches.append(run)
@@ -181,10 +186,19 @@ def test_launch_runs_warm_start_grpo_and_writes_report(tmp_path, launches):
     state = run.state()
     assert state["status"] == "finished" and state["trainer_restarts"] == 0
     logs = run.run_dir / "logs"
-    for name in ("driver.log", "rollout-0.log", "trainer-0.log", "warm_start.log"):
+    for name in ("driver.log", "rollout-0.log", "rollout-1.log", "trainer-0.log", "warm_start.log"):
         assert (logs / name).stat().st_size > 0, name
     assert (run.run_dir / "warm_start" / "warm_start.json").exists()
-    assert "READY rollout_server" in (logs / "rollout-0.log").read_text()
+    for i in (0, 1):
+        assert "READY rollout_server" in (logs / f"rollout-{i}.log").read_text()
+    # the probe after each push (versions 0-6) asks every server which version it serves
+    probes = [json.loads(ln) for ln in (run.run_dir / "debug" / "probes.jsonl").read_text().splitlines()]
+    per_server: dict[int, list[tuple[int, int]]] = {}
+    for p in probes:
+        per_server.setdefault(p["server"], []).append((p["pushed_version"], p["server_version"]))
+    assert len(per_server) == 2 and all(v == [(k, k) for k in range(7)] for v in per_server.values()), (
+        per_server
+    )
     heldout = json.loads((run.run_dir / "heldout.json").read_text())
     assert heldout["before"]["weight_version"] == 0 and heldout["after"]["weight_version"] == 6
     assert heldout["after"]["num_problems"] == 40
