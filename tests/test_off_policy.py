@@ -31,6 +31,30 @@ def test_off_policy_needs_the_importance_weight():
         load_config("configs/cpu-tiny-test.yaml", ["rollout.max_off_policy_steps=1"])
     cfg = load_config("configs/cpu-tiny-test.yaml", OFF)
     assert cfg.rollout.max_off_policy_steps == 1
+    # Pushing every N > 1 steps makes the steps between pushes off-policy too.
+    with pytest.raises(ConfigError, match="sync_every_steps.*importance_sampling_cap"):
+        load_config("configs/cpu-tiny-test.yaml", ["rollout.sync_every_steps=2"])
+    cfg = load_config(
+        "configs/cpu-tiny-test.yaml", ["rollout.sync_every_steps=2", "objective.importance_sampling_cap=3.0"]
+    )
+    assert cfg.rollout.sync_every_steps == 2
+
+
+def test_pushing_every_second_step_trains_the_steps_between_with_the_importance_weight(
+    tiny_model_dir, tmp_path
+):
+    extra = ["rollout.sync_every_steps=2", "objective.importance_sampling_cap=3.0"]
+    with rollout_server(tiny_model_dir, tmp_path / "server.log") as (url, _):
+        assert run_short(tiny_model_dir, tmp_path, url, "e2", "e2", extra) == 0, read_log(tmp_path, "e2")
+    rows = read_jsonl(tmp_path / "e2" / "metrics.jsonl")
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]
+    assert [m.get("weight_version/pushed") for m in rows] == [None, 2, None, 4]
+    assert [m["weight_version/min"] for m in rows] == [0, 0, 2, 2]
+    assert [m["weight_version/lag"] for m in rows] == [0, 1, 0, 1]
+    for m in rows:
+        assert math.isfinite(m["train/is_weight_mean"]) and 0 < m["train/is_weight_mean"] <= 3.0
+    probes = read_jsonl(tmp_path / "e2" / "debug" / "probes.jsonl")
+    assert [(p["pushed_version"], p["server_version"]) for p in probes] == [(0, 0), (2, 2), (4, 4)]
 
 
 @pytest.mark.faults

@@ -286,7 +286,13 @@ class RolloutConfig(Section):
         "auto",
         description="dtype of the pushed weights (must match the server's); auto = the training dtype.",
     )
-    sync_every_steps: int = Field(1, ge=1, le=100000, description="Push weights every N optimizer steps.")
+    sync_every_steps: int = Field(
+        1,
+        ge=1,
+        le=100000,
+        description="Push weights every N optimizer steps. Above 1 the steps between pushes train on rollouts "
+        "of older weights, so objective.importance_sampling_cap is required, as for max_off_policy_steps.",
+    )
     max_off_policy_steps: int = Field(
         0,
         ge=0,
@@ -551,6 +557,13 @@ class TrainConfig(Section):
             )
         if self.rollout.max_off_policy_steps and self.rollout.sync_every_steps != 1:
             raise ValueError("rollout.max_off_policy_steps > 0 needs rollout.sync_every_steps 1")
+        if self.rollout.sync_every_steps > 1 and self.objective.importance_sampling_cap is None:
+            # Between pushes the servers sample on weights up to N-1 steps old: off-policy all the same.
+            raise ValueError(
+                "rollout.sync_every_steps > 1 needs objective.importance_sampling_cap (e.g. 3.0): between "
+                "pushes the rollouts are sampled on older weights, and the truncated importance weight is what "
+                "corrects for that"
+            )
         return self
 
     @property
