@@ -101,14 +101,22 @@ def iter_full_tensors(
         raise ValueError(f"gather groups must cover the {len(params)} parameters once, in order")
     # DeepSpeed gathers a lone parameter through its per-parameter path, which runs a real all-gather even on
     # one rank (the coalesced path skips it there): a bucket holding only the embedding took 37 ms against
-    # 0.1 ms when gathered with one more parameter. So a lone parameter is gathered with the smallest one
-    # (not yielded here; gathering it again with its own bucket later costs next to nothing).
-    smallest = min(range(len(params)), key=lambda i: _numel(params[i][1]))
+    # 0.1 ms when gathered with one more parameter. So a bucket with a single parameter still to gather (the
+    # others, if any, are ZeRO-3 "persistent" ones, left gathered after a training step) gathers the smallest
+    # partitioned parameter with it; it is not yielded here, and gathering it again later costs next to nothing.
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    by_size = sorted(range(len(params)), key=lambda i: _numel(params[i][1]))
+
+    def partitioned(p: torch.nn.Parameter) -> bool:
+        return getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE
+
     for group in groups:
         subset = [params[i][1] for i in group]
-        if len(group) == 1 and len(params) > 1:
-            companion = smallest if smallest != group[0] else (group[0] + 1) % len(params)
-            subset.append(params[companion][1])
+        if sum(partitioned(p) for p in subset) == 1:
+            companion = next((j for j in by_size if j not in group and partitioned(params[j][1])), None)
+            if companion is not None:
+                subset.append(params[companion][1])
         with deepspeed.zero.GatheredParameters(subset, modifier_rank=None):
             for i in group:
                 name, p = params[i]
