@@ -206,7 +206,7 @@ def build_components(cfg: TrainConfig, info: DistInfo) -> Components:
         try:
             _build_rollout_side(c)
         except Exception as e:
-            err = f"rollout setup failed: {type(e).__name__}: {e}"
+            err = f"rank-0 setup (rollout side, metric writers) failed: {type(e).__name__}: {e}"
     err = broadcast_object(err)
     if err:
         c.close()

@@ -77,14 +77,20 @@ def start_wandb(run_dir: Path, project: str, run_name: str, config: dict, resume
 
     id_file = run_dir / "wandb-run-id"
     run_id = id_file.read_text().strip() if resume and id_file.exists() else None
-    run = wandb.init(
-        project=project,
-        name=run_name or None,
-        config=config,
-        id=run_id,  # None: wandb makes a new one
-        resume="allow",
-        dir=os.environ.get("WANDB_DIR") or str(run_dir),
-    )
+    try:
+        run = wandb.init(
+            project=project,
+            name=run_name or None,
+            config=config,
+            id=run_id,  # None: wandb makes a new one
+            resume="allow",
+            dir=os.environ.get("WANDB_DIR") or str(run_dir),
+        )
+    except Exception as e:  # e.g. no API key on a machine without a terminal
+        raise RuntimeError(
+            f"W&B logging (logging.wandb_project={project!r}) could not start: {type(e).__name__}: {e}. "
+            "Log in (WANDB_API_KEY), set WANDB_MODE=offline, or unset logging.wandb_project."
+        ) from e
     id_file.write_text(run.id)
     return run
 
