@@ -217,11 +217,11 @@ def _raise_interrupted(signum, frame) -> None:
 def main(config_path: str, overrides: list[str]) -> int:
     """Exit status: 0 done, 1 the run failed, 2 invalid configuration or checkpoints, 130 interrupted."""
     from trainer.checkpoint import CheckpointError, ensure_no_checkpoints
-    from trainer.config import ConfigError, check_model_reference, load_config
+    from trainer.config import ConfigError, check_run_prerequisites, load_config
 
     try:
         cfg = load_config(config_path, overrides)
-        check_model_reference(cfg)
+        check_run_prerequisites(cfg)
         if not cfg.checkpoint.resume:  # refuse before Ray, the warm start and servers are started
             ensure_no_checkpoints(cfg.checkpoint_dir)
     except (ConfigError, CheckpointError) as e:

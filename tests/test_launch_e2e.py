@@ -10,6 +10,7 @@ RUN_DIR/launch_state.json, SIGINT to the driver's process group.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -191,6 +192,9 @@ def test_launch_runs_warm_start_then_grpo_on_two_servers_and_writes_report(tmp_p
     assert (run.run_dir / "warm_start" / "warm_start.json").exists()
     for i in (0, 1):
         assert "READY rollout_server" in (logs / f"rollout-{i}.log").read_text()
+    backend = "vllm" if importlib.util.find_spec("vllm") is not None else "torch"  # the config's auto
+    started = [ln for ln in run.tail(400).splitlines() if "rollout server " in ln and ", pid " in ln]
+    assert len(started) == 2 and all(f"({backend}, pid" in ln for ln in started), started
     # the probe after each push (versions 0-6) asks every server which version it serves
     probes = [json.loads(ln) for ln in (run.run_dir / "debug" / "probes.jsonl").read_text().splitlines()]
     per_server: dict[int, list[tuple[int, int]]] = {}

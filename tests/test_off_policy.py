@@ -9,6 +9,8 @@ rollout side has already drawn step 4's prompts, then resumes against a fresh se
 - a checkpoint of step 2 resumes with step 3's prompts although step 3's (and 4's) had been drawn already:
   steps 3-4 of B draw exactly A's prompts.
 And on-policy (``max_off_policy_steps=0``) stays on-policy: every batch is sampled on the weights it trains.
+``rollout.sync_every_steps=2`` (a push every second step) is off-policy between pushes: it needs the same
+importance weight, which is 1 on the steps sampled on the training weights and corrects the others.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import math
 
 import pytest
 
-from tests.trainer_support import read_jsonl, read_log, rollout_server, run_short
+from tests.trainer_support import DIGITS, read_jsonl, read_log, rollout_server, run_short
 from trainer.config import ConfigError, load_config
 
 pytestmark = pytest.mark.slow
 
 
-OFF = ["rollout.max_off_policy_steps=1", "objective.importance_sampling_cap=3.0"]
+# DIGITS: a reward that varies, so every step moves the weights and a lagging batch really is off-policy
+OFF = ["rollout.max_off_policy_steps=1", "objective.importance_sampling_cap=3.0", DIGITS]
 
 
 def test_off_policy_needs_the_importance_weight():
@@ -43,7 +46,7 @@ def test_off_policy_needs_the_importance_weight():
 def test_pushing_every_second_step_trains_the_steps_between_with_the_importance_weight(
     tiny_model_dir, tmp_path
 ):
-    extra = ["rollout.sync_every_steps=2", "objective.importance_sampling_cap=3.0"]
+    extra = ["rollout.sync_every_steps=2", "objective.importance_sampling_cap=3.0", DIGITS]
     with rollout_server(tiny_model_dir, tmp_path / "server.log") as (url, _):
         assert run_short(tiny_model_dir, tmp_path, url, "e2", "e2", extra) == 0, read_log(tmp_path, "e2")
     rows = read_jsonl(tmp_path / "e2" / "metrics.jsonl")
@@ -51,8 +54,9 @@ def test_pushing_every_second_step_trains_the_steps_between_with_the_importance_
     assert [m.get("weight_version/pushed") for m in rows] == [None, 2, None, 4]
     assert [m["weight_version/min"] for m in rows] == [0, 0, 2, 2]
     assert [m["weight_version/lag"] for m in rows] == [0, 1, 0, 1]
-    for m in rows:
-        assert math.isfinite(m["train/is_weight_mean"]) and 0 < m["train/is_weight_mean"] <= 3.0
+    for m in rows:  # the weight is 1 on the weights that sampled; after an unpushed step it corrects
+        w = m["train/is_weight_mean"]
+        assert (abs(w - 1) > 1e-4) if m["weight_version/lag"] else (abs(w - 1) < 1e-5), (m["step"], w)
     probes = read_jsonl(tmp_path / "e2" / "debug" / "probes.jsonl")
     assert [(p["pushed_version"], p["server_version"]) for p in probes] == [(0, 0), (2, 2), (4, 4)]
 
@@ -80,6 +84,8 @@ def test_one_step_off_policy_lags_by_one_pushes_every_step_and_resumes_exactly(
     for m in a:
         assert math.isfinite(m["train/is_weight_mean"]) and 0 < m["train/is_weight_mean"] <= 3.0
         assert 0.0 <= m["train/is_capped_frac"] <= 1.0
+        # lag 0 (step 1): sampled on the training weights, weight 1; lag 1: the weight is really applied
+        assert (abs(m["train/is_weight_mean"] - 1) > 1e-4) == bool(m["weight_version/lag"]), m["step"]
     probes = read_jsonl(tmp_path / "a" / "debug" / "probes.jsonl")
     assert [(p["pushed_version"], p["server_version"]) for p in probes] == [(v, v) for v in range(5)]
     completions = read_jsonl(tmp_path / "a" / "completions.jsonl")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.trainer_support import (
+    DIGITS,
     SHORT_RUN,
     greedy_with_logprobs,
     kill_group,
@@ -29,9 +30,6 @@ from tests.trainer_support import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-DIGITS = 'custom_rewards={"tests.trainer_support:digit_fraction": 1.0}'
 
 
 def _overrides(model_dir, out, name, url, extra=()):

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer_support import read_jsonl, read_log, rollout_server, run_short
+from tests.trainer_support import DIGITS, full_log, read_jsonl, read_log, rollout_server, run_short
 
 pytestmark = pytest.mark.slow
 
 pytest.importorskip("wandb")
 
-DIGITS = 'custom_rewards={"tests.trainer_support:digit_fraction": 1.0}'
 BLOCK = 32 * 1024
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
@@ -68,12 +67,12 @@ def test_wandb_offline_run_gets_every_step_and_continues_after_a_resume(
         assert code == 0, read_log(tmp_path, "w1")
         code = run_short(tiny_model_dir, tmp_path, url, "w", "w2", [*extra, "checkpoint.resume=true"])
         assert code == 0, read_log(tmp_path, "w2")
-    assert "resumed from" in read_log(tmp_path, "w2")
+    assert "resumed from" in full_log(tmp_path, "w2")
 
     run_dir = tmp_path / "w"
     run_id = (run_dir / "wandb-run-id").read_text().strip()
     files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2, files  # two attempts, one W&B run
+    assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2, files  # two attempts, one run id
 
     history: dict[int, dict[str, float]] = {}
     exits = []

@@ -46,15 +46,22 @@ Init._allgather_params_sequential = spy
 
 def gather(groups):
     sequential_calls.clear()
-    out = dict(iter_full_tensors(params, True, groups, None, send=True, copy=True))
+    pairs = list(iter_full_tensors(params, True, groups, None, send=True, copy=True))
+    out = dict(pairs)
     return {
-        "in_order": list(out) == [name for name, _ in params],
+        "in_order": [name for name, _ in pairs] == [name for name, _ in params],  # no companion yielded
         "sequential_calls": len(sequential_calls),
         "released": all(p.ds_status != ZeroParamStatus.INFLIGHT for _, p in params),
     }, out
 
+# Control: the spy sees DeepSpeed's per-parameter gather when a lone parameter goes through it.
+import deepspeed
+with deepspeed.zero.GatheredParameters([params[0][1]], modifier_rank=None):
+    pass
+control_calls = len(sequential_calls)
+
 lone = [[i] for i in range(n)]
-result = {"num_params": n}
+result = {"num_params": n, "control_calls": control_calls}
 for label, groups in {"lone": lone, "one bucket": [list(range(n))]}.items():
     result[label], out = gather(groups)
     result[label]["differ"] = [k for k, t in out.items() if not torch.equal(t, saved[k])]
@@ -99,6 +106,7 @@ def test_zero3_push_gathers_lone_parameters_through_the_coalesced_path(tiny_mode
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))
     assert result["num_params"] > 2
+    assert result["control_calls"] == 1  # the spy does see a per-parameter gather
     assert result["moved"], "the training step changed no weight"
     for label in ("lone", "one bucket", "lone, trained", "pairs, trained"):
         r = result[label]

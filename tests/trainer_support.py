@@ -32,6 +32,10 @@ def digit_fraction(prompts=None, completions=(), **columns) -> list[float]:
     return out
 
 
+# The override that makes digit_fraction the only reward (tests that need every step to move the weights).
+DIGITS = 'custom_rewards={"tests.trainer_support:digit_fraction": 1.0}'
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -149,7 +153,12 @@ def wait_all(procs: list[subprocess.Popen], timeout_s: float) -> list[int]:
 
 
 def read_log(log_dir: Path, tag: str = "trainer", rank: int = 0) -> str:
-    return (log_dir / f"{tag}-rank{rank}.log").read_text()[-6000:]
+    """The last 6000 characters of a trainer rank's log (for assertion messages; ``full_log`` for searches)."""
+    return full_log(log_dir, tag, rank)[-6000:]
+
+
+def full_log(log_dir: Path, tag: str = "trainer", rank: int = 0) -> str:
+    return (log_dir / f"{tag}-rank{rank}.log").read_text()
 
 
 def read_jsonl(path: Path) -> list[dict]:

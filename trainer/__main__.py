@@ -24,11 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides (values parsed as YAML)")
     a = p.parse_args(argv)
 
-    from trainer.config import ConfigError, check_model_reference, load_config
+    from trainer.config import ConfigError, check_run_prerequisites, load_config
 
     try:
         cfg = load_config(a.config, a.overrides)
-        check_model_reference(cfg)
+        check_run_prerequisites(cfg)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

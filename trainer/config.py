@@ -338,14 +338,6 @@ class LoggingConfig(Section):
         4, ge=1, le=100000, description="Prompts (with all their completions) sampled."
     )
 
-    @field_validator("wandb_project")
-    @classmethod
-    def _wandb_installed(cls, v: str | None) -> str | None:
-        # Checked here so the run stops before anything starts, not after the model has loaded.
-        if v and importlib.util.find_spec("wandb") is None:
-            raise ValueError("needs the wandb package, which is not installed here (pip install wandb)")
-        return v
-
 
 class WarmStartConfig(Section):
     """Supervised warm start before GRPO (owned by trainer/sft.py; ``run_warm_start`` returns the HF folder
@@ -655,6 +647,17 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         raw = loaded or {}
     apply_overrides(raw, list(overrides or []))
     return validate_config(raw, str(path) if path else "<defaults>")
+
+
+def check_run_prerequisites(cfg: TrainConfig) -> None:
+    """What the trainer and the launcher check before anything starts, beyond the schema: the model reference,
+    and the wandb package when ``logging.wandb_project`` is set (checked here, not in the schema, so the
+    rollout servers and tools that load the same config do not need wandb). Raises ConfigError."""
+    check_model_reference(cfg)
+    if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "logging.wandb_project: needs the wandb package, which is not installed here (pip install wandb)"
+        )
 
 
 def check_model_reference(cfg: TrainConfig) -> None:

@@ -7,8 +7,9 @@ group is gone) waits for every server to be ready again (``wait_servers_ready``)
 pushes once more; a second failure raises.
 
 Under ZeRO-3 no rank holds the full model, so parameters are gathered one bucket at a time
-(``deepspeed.zero.GatheredParameters`` on exactly the parameters of one bucket of ``plan_buckets``; every rank
-joins the all-gather, only rank 0 sends). The client consumes tensors lazily in manifest order and packs a
+(``deepspeed.zero.GatheredParameters`` on exactly the parameters of one bucket of ``plan_buckets``, plus on
+one rank a small companion for a bucket with a single parameter to gather, see ``iter_full_tensors``; every
+rank joins the all-gather, only rank 0 sends). The client consumes tensors lazily in manifest order and packs a
 bucket before it asks for the next bucket's first tensor, which is when the gather of the previous one ends:
 so the gathered tensors are packed straight from DeepSpeed's memory (no copy of our own before the pack),
 and at most one gathered bucket plus its packed copy is alive at a time. Under ZeRO-2 every rank has the
@@ -100,10 +101,11 @@ def iter_full_tensors(
     if [i for g in groups for i in g] != list(range(len(params))):
         raise ValueError(f"gather groups must cover the {len(params)} parameters once, in order")
     # DeepSpeed gathers a lone parameter through its per-parameter path, which runs a real all-gather even on
-    # one rank (the coalesced path skips it there): a bucket holding only the embedding took 37 ms against
-    # 0.1 ms when gathered with one more parameter. So a bucket with a single parameter still to gather (the
-    # others, if any, are ZeRO-3 "persistent" ones, left gathered after a training step) gathers the smallest
-    # partitioned parameter with it; it is not yielded here, and gathering it again later costs next to nothing.
+    # one rank, where the group path just hands back the rank's partitions: a bucket holding only the
+    # embedding took 37 ms against 0.1 ms when gathered with one more parameter. So on one rank a bucket with
+    # a single parameter still to gather (the others, if any, are ZeRO-3 "persistent" ones, left gathered
+    # after a training step) gathers the smallest other partitioned parameter with it; it is not yielded here.
+    # With more ranks both paths run one all-gather per parameter, and a companion would only add one.
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     by_size = sorted(range(len(params)), key=lambda i: _numel(params[i][1]))
@@ -111,9 +113,10 @@ def iter_full_tensors(
     def partitioned(p: torch.nn.Parameter) -> bool:
         return getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE
 
+    one_rank = torch.distributed.get_world_size(getattr(params[0][1], "ds_process_group", None)) == 1
     for group in groups:
         subset = [params[i][1] for i in group]
-        if sum(partitioned(p) for p in subset) == 1:
+        if one_rank and sum(partitioned(p) for p in subset) == 1:
             companion = next((j for j in by_size if j not in group and partitioned(params[j][1])), None)
             if companion is not None:
                 subset.append(params[companion][1])
