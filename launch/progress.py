@@ -38,15 +38,19 @@ class JsonlFollower:
         self.path = Path(path)
         self._offset = 0
         self._partial = b""
+        self._inode: int | None = None
         self.rows: list[dict[str, Any]] = []
 
     def poll(self) -> list[dict[str, Any]]:
         """Rows appended since the last call (the file may not exist yet)."""
         try:
             with self.path.open("rb") as f:
-                if os.fstat(f.fileno()).st_size < self._offset:
-                    # Truncated (a resumed trainer drops the rows after its checkpoint): read it again.
+                st = os.fstat(f.fileno())
+                if st.st_size < self._offset or (self._inode is not None and st.st_ino != self._inode):
+                    # Rewritten (a resumed trainer replaces the file without the rows after its checkpoint,
+                    # and the new one may already be longer): read it again from the start.
                     self._offset, self._partial, self.rows = 0, b"", []
+                self._inode = st.st_ino
                 f.seek(self._offset)
                 chunk = f.read()
         except FileNotFoundError:

@@ -48,6 +48,12 @@ def test_follower_reads_increments_and_waits_for_torn_lines(tmp_path: Path):
     with path.open("a") as fh:
         fh.write('{"step": 2, "reward": 0.9}\n')
     assert f.poll() == [{"step": 2, "reward": 0.9}] and [r["step"] for r in f.rows] == [1, 2]
+    # Replaced by a new file that is already longer than what was read (the trainer rewrites it with
+    # os.replace): the size alone cannot tell, the new inode does.
+    tmp = tmp_path / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps({"step": s, "reward": 0.0, "pad": "x" * 40}) + "\n" for s in (1, 2, 3)))
+    os.replace(tmp, path)
+    assert [r["step"] for r in f.poll()] == [1, 2, 3] and [r["step"] for r in f.rows] == [1, 2, 3]
 
 
 def test_progress_bar_tracks_steps_and_resume(tmp_path: Path):

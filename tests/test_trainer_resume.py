@@ -17,6 +17,7 @@ import torch
 from tests.trainer_support import (
     DIGITS,
     SHORT_RUN,
+    full_log,
     greedy_with_logprobs,
     kill_group,
     load_hf,
@@ -132,6 +133,41 @@ def test_resume_skips_a_damaged_checkpoint_and_never_starts_over(tiny_model_dir,
             f"exit 2; fresh run over checkpoints -> exit 2; {len(before)} entries unchanged",
         )
         assert sorted(p.name for p in ck.iterdir()) == before
+
+
+@pytest.mark.faults
+def test_a_death_before_the_first_checkpoint_restarts_the_logs_too(tiny_model_dir, tmp_path, fault_report):
+    """A trainer that dies before its first checkpoint (the recipe checkpoints every 100 steps) and is
+    restarted with ``checkpoint.resume=true``, as the launcher does, trains from step 1 again. Its logs used to
+    keep the dead attempt's rows, so metrics.jsonl read steps 1, 2, 1, 2, 3, 4. Now the old rows go. A fresh
+    run (resume=false) in a folder whose earlier run left rows but no checkpoint keeps them, moved aside."""
+    first_ck = ["checkpoint.every_steps=3", "debug.crash_after_step=2"]
+    with rollout_server(tiny_model_dir, tmp_path / "server.log") as (url, _):
+        for name in ("r", "f"):
+            assert _run(tiny_model_dir, tmp_path, url, name, f"{name}1", first_ck) == 3, read_log(
+                tmp_path, f"{name}1"
+            )
+            assert not (tmp_path / name / "checkpoints" / "latest").exists()
+        again = ["checkpoint.every_steps=3", "checkpoint.resume=true"]
+        assert _run(tiny_model_dir, tmp_path, url, "r", "r2", again) == 0, read_log(tmp_path, "r2")
+        assert _run(tiny_model_dir, tmp_path, url, "f", "f2", ["checkpoint.every_steps=3"]) == 0, read_log(
+            tmp_path, "f2"
+        )
+    steps = [m["step"] for m in read_jsonl(tmp_path / "r" / "metrics.jsonl")]
+    sampled = sorted({c["step"] for c in read_jsonl(tmp_path / "r" / "completions.jsonl")})
+    fault_report(
+        "trainer exits hard after step 2, before its first checkpoint (step 3); restarted with resume=true",
+        "starts at step 1 again; metrics.jsonl holds steps 1-4 once",
+        f"metrics.jsonl steps {steps}",
+    )
+    assert steps == [1, 2, 3, 4]
+    assert sampled == sorted(set(sampled)) and all(1 <= s <= 4 for s in sampled)
+    assert "no checkpoint to resume from" in full_log(tmp_path, "r2")
+
+    assert [m["step"] for m in read_jsonl(tmp_path / "f" / "metrics.jsonl")] == [1, 2, 3, 4]
+    aside = list((tmp_path / "f").glob("metrics.before-*.jsonl"))
+    assert len(aside) == 1 and [m["step"] for m in read_jsonl(aside[0])] == [1, 2]
+    assert "moved to metrics.before-" in full_log(tmp_path, "f2")
 
 
 def _bytes_in(folder) -> int:

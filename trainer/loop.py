@@ -122,6 +122,8 @@ class Trainer:
         """Load the checkpoint chosen at build time, if any; returns the step to continue after (0 = fresh)."""
         path = self.c.resume_from
         if path is None:
+            if self.rank == 0:
+                self._start_logs_over()
             return 0
         state = ckpt.load_checkpoint(path, self.c.engine, self.rank)
         if self.rank == 0:
@@ -133,6 +135,27 @@ class Trainer:
         self.last_checkpoint = path
         log.info("resumed from %s (step %d)", path, state["step"])
         return int(state["step"])
+
+    def _start_logs_over(self) -> None:
+        """A run that starts at step 1 in a run folder that already has step rows. With ``checkpoint.resume``
+        they are an earlier attempt of this run that died before its first checkpoint (the launcher restarts
+        such a trainer): it runs those steps again, so their rows go, as after any resume. Without it they
+        belong to an earlier run in the same folder: they are kept aside, renamed, and never appended to."""
+        for name in ("metrics.jsonl", "completions.jsonl"):
+            path = self.cfg.run_dir / name
+            if not path.exists() or path.stat().st_size == 0:
+                continue
+            if self.cfg.checkpoint.resume:
+                _truncate_after_step(path, 0)
+                log.warning(
+                    "no checkpoint to resume from: starting at step 1, dropped the old rows of %s", path
+                )
+            else:
+                aside = path.with_name(f"{path.stem}.before-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+                os.replace(path, aside)
+                log.warning(
+                    "fresh run: %s of an earlier run in this folder was moved to %s", path, aside.name
+                )
 
     # ---- weights to the servers -----------------------------------------------------------------------------
     def push(self, version: int) -> dict[str, float]:
