@@ -2,15 +2,16 @@
 
 Why the metrics file (and not a channel from the trainer): the file is what the trainer writes anyway, it
 survives trainer restarts, and the same reader serves the driver's bar, ``launch.report`` and tests. Reading
-is incremental: only bytes appended since the last poll are parsed, a torn last line (the trainer
-mid-write) is left for the next poll, and a file that shrank (a resumed trainer truncates the rows after its
-checkpoint) is read again from the start.
+is incremental (``JsonlTail``, also the web UI's reader): only bytes appended since the last refresh are
+parsed, a torn last line (the trainer mid-write) is left for the next one, and a file that was replaced or
+shrank (a resumed trainer rewrites it without the rows after its checkpoint) is read again from the start.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,53 +32,60 @@ def pick(row: dict[str, Any], keys: tuple[str, ...]) -> float | None:
     return None
 
 
-class JsonlFollower:
-    """Incremental reader of an append-only JSON-lines file."""
+class JsonlTail:
+    """The rows of one append-only JSONL file, extended by each ``refresh()`` with what was appended."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: Path):
         self.path = Path(path)
-        self._offset = 0
-        self._partial = b""
-        self._inode: int | None = None
         self.rows: list[dict[str, Any]] = []
+        self.bad_lines = 0  # complete lines that were not JSON objects
+        self._offset = 0  # bytes consumed, always at a line boundary
+        self._inode: int | None = None
+        self._lock = threading.Lock()
 
-    def poll(self) -> list[dict[str, Any]]:
-        """Rows appended since the last call (the file may not exist yet)."""
-        try:
-            with self.path.open("rb") as f:
-                st = os.fstat(f.fileno())
-                if st.st_size < self._offset or (self._inode is not None and st.st_ino != self._inode):
-                    # Rewritten (a resumed trainer replaces the file without the rows after its checkpoint,
-                    # and the new one may already be longer): read it again from the start.
-                    self._offset, self._partial, self.rows = 0, b"", []
-                self._inode = st.st_ino
-                f.seek(self._offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return []
-        self._offset += len(chunk)
-        data = self._partial + chunk
-        lines = data.split(b"\n")
-        self._partial = lines.pop()  # b"" when the chunk ended with a newline
-        new = []
-        for ln in lines:
-            if not ln.strip():
-                continue
+    def refresh(self) -> list[dict[str, Any]]:
+        """Read what was appended since the last call; returns the new rows."""
+        with self._lock:
             try:
-                row = json.loads(ln)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                new.append(row)
-        self.rows.extend(new)
-        return new
+                st = os.stat(self.path)
+            except (FileNotFoundError, NotADirectoryError):
+                self._reset(None)
+                return []
+            if st.st_ino != self._inode or st.st_size < self._offset:
+                self._reset(st.st_ino)  # replaced or truncated: start over
+            if st.st_size == self._offset:
+                return []
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read(st.st_size - self._offset)
+            end = chunk.rfind(b"\n")
+            if end < 0:
+                return []  # only a partial line so far
+            self._offset += end + 1
+            new = []
+            for line in chunk[: end + 1].splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if isinstance(row, dict):
+                    new.append(row)
+                else:
+                    self.bad_lines += 1
+            self.rows.extend(new)
+            return new
+
+    def _reset(self, inode: int | None) -> None:
+        self.rows, self.bad_lines, self._offset, self._inode = [], 0, 0, inode
 
 
 class ProgressBar:
     """tqdm bar over optimizer steps with reward / accuracy / length / throughput of the latest step."""
 
     def __init__(self, metrics_path: str | Path, total_steps: int | None, enabled: bool = True):
-        self.follower = JsonlFollower(metrics_path)
+        self.follower = JsonlTail(metrics_path)
         self.total = total_steps
         self.last_step = 0
         self._bar = None
@@ -87,7 +95,7 @@ class ProgressBar:
             self._bar = tqdm(total=total_steps, desc="GRPO", unit="step", dynamic_ncols=True)
 
     def update(self) -> list[dict[str, Any]]:
-        rows = self.follower.poll()
+        rows = self.follower.refresh()
         for row in rows:
             step = row.get("step")
             if not isinstance(step, int):

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from launch.progress import COLUMNS, JsonlFollower, pick
+from launch.progress import COLUMNS, JsonlTail, pick
 
 _REWARD_KEY = re.compile(r"^rewards?/(?P<name>[A-Za-z0-9_\-]+?)(?:/mean)?$")
 _SKIP_REWARD_NAMES = {"mean", "std", "total", "min", "max"}
@@ -30,8 +30,8 @@ _SKIP_REWARD_NAMES = {"mean", "std", "total", "min", "max"}
 
 def load_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     """metrics.jsonl rows with an integer step; a resumed run's repeated steps keep the latest row."""
-    follower = JsonlFollower(Path(run_dir) / "metrics.jsonl")
-    follower.poll()
+    follower = JsonlTail(Path(run_dir) / "metrics.jsonl")
+    follower.refresh()
     by_step: dict[int, dict[str, Any]] = {}
     for row in follower.rows:
         if isinstance(row.get("step"), int):

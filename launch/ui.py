@@ -25,13 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+from launch.progress import JsonlTail
 
 STATIC_DIR = Path(__file__).with_name("ui_static")
 METRICS_FILE = "metrics.jsonl"
@@ -74,55 +75,6 @@ class ChatBody(BaseModel):
 
 
 # ---- run folder reading ---------------------------------------------------------------------------------------
-class JsonlTail:
-    """The rows of one append-only JSONL file, extended by each ``refresh()`` with what was appended."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.rows: list[dict[str, Any]] = []
-        self.bad_lines = 0  # complete lines that were not JSON objects
-        self._offset = 0  # bytes consumed, always at a line boundary
-        self._inode: int | None = None
-        self._lock = threading.Lock()
-
-    def refresh(self) -> list[dict[str, Any]]:
-        """Read what was appended since the last call; returns the new rows."""
-        with self._lock:
-            try:
-                st = os.stat(self.path)
-            except (FileNotFoundError, NotADirectoryError):
-                self._reset(None)
-                return []
-            if st.st_ino != self._inode or st.st_size < self._offset:
-                self._reset(st.st_ino)  # replaced or truncated: start over
-            if st.st_size == self._offset:
-                return []
-            with open(self.path, "rb") as f:
-                f.seek(self._offset)
-                chunk = f.read(st.st_size - self._offset)
-            end = chunk.rfind(b"\n")
-            if end < 0:
-                return []  # only a partial line so far
-            self._offset += end + 1
-            new = []
-            for line in chunk[: end + 1].splitlines():
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    row = None
-                if isinstance(row, dict):
-                    new.append(row)
-                else:
-                    self.bad_lines += 1
-            self.rows.extend(new)
-            return new
-
-    def _reset(self, inode: int | None) -> None:
-        self.rows, self.bad_lines, self._offset, self._inode = [], 0, 0, inode
-
-
 def _finite(v: Any) -> float | None:
     """A plottable value: a finite int/float (bools and the logger's "nan"/"inf" strings are not)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from launch.procs import Supervised, pick_port, port_is_free
-from launch.progress import JsonlFollower, ProgressBar
+from launch.progress import JsonlTail, ProgressBar
 from launch.report import load_rows, reward_series, write_report
 from launch.serve import resolve_backend, server_argv
 
@@ -34,26 +34,26 @@ def _wait_gone(pid: int, timeout_s: float = 10.0) -> bool:
 
 def test_follower_reads_increments_and_waits_for_torn_lines(tmp_path: Path):
     path = tmp_path / "metrics.jsonl"
-    f = JsonlFollower(path)
-    assert f.poll() == []  # no file yet
+    f = JsonlTail(path)
+    assert f.refresh() == []  # no file yet
     path.write_text('{"step": 1, "reward": 0.5}\n{"step": 2, "rew')
-    assert [r["step"] for r in f.poll()] == [1]
+    assert [r["step"] for r in f.refresh()] == [1]
     with path.open("a") as fh:
         fh.write('ard": 0.7}\nnot json\n')
-    rows = f.poll()
+    rows = f.refresh()
     assert rows == [{"step": 2, "reward": 0.7}]
     assert [r["step"] for r in f.rows] == [1, 2]
     path.write_text('{"step": 1, "reward": 0.5}\n')  # a resumed trainer truncated the file
-    assert [r["step"] for r in f.poll()] == [1]
+    assert [r["step"] for r in f.refresh()] == [1]
     with path.open("a") as fh:
         fh.write('{"step": 2, "reward": 0.9}\n')
-    assert f.poll() == [{"step": 2, "reward": 0.9}] and [r["step"] for r in f.rows] == [1, 2]
+    assert f.refresh() == [{"step": 2, "reward": 0.9}] and [r["step"] for r in f.rows] == [1, 2]
     # Replaced by a new file that is already longer than what was read (the trainer rewrites it with
     # os.replace): the size alone cannot tell, the new inode does.
     tmp = tmp_path / "metrics.jsonl.tmp"
     tmp.write_text("".join(json.dumps({"step": s, "reward": 0.0, "pad": "x" * 40}) + "\n" for s in (1, 2, 3)))
     os.replace(tmp, path)
-    assert [r["step"] for r in f.poll()] == [1, 2, 3] and [r["step"] for r in f.rows] == [1, 2, 3]
+    assert [r["step"] for r in f.refresh()] == [1, 2, 3] and [r["step"] for r in f.rows] == [1, 2, 3]
 
 
 def test_progress_bar_tracks_steps_and_resume(tmp_path: Path):
