@@ -29,6 +29,21 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_vs_trl import MODELS  # noqa: E402  (the same model shapes as the TRL comparison)
 
+# Besides bench-vs-trl's tiny shapes, the reference model's shape with random weights (for GPU runs; the
+# tokenizer is the offline one, the embedding has Qwen's 151,936 rows).
+SHAPES = {
+    **MODELS,
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+    ),
+}
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -38,7 +53,11 @@ def main() -> int:
     )
     p.add_argument("--tokens", type=int, default=64, help="completion length")
     p.add_argument("--generations", type=int, default=16)
-    p.add_argument("--model", choices=sorted(MODELS), default="large", help="bench-vs-trl's model shapes")
+    p.add_argument(
+        "--model", choices=sorted(SHAPES), default="large", help="bench-vs-trl's shapes, or Qwen2.5-0.5B's"
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16 over NCCL")
+    p.add_argument("--zero-stage", type=int, choices=[2, 3], default=2)
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
 
@@ -54,12 +73,20 @@ def main() -> int:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
     )
-    dist.init_process_group("gloo")
+    cuda = a.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if cuda else "gloo")
     model_dir = Path(tempfile.mkdtemp(prefix="bench-update-"))
-    build_tiny_model(model_dir, **MODELS[a.model])
+    build_tiny_model(model_dir, **SHAPES[a.model])
     cfg = load_config(
         "configs/cpu-tiny-test.yaml",
-        [f"model.name_or_path={model_dir}", "deepspeed.zero_stage=2", "objective.loss_type=dapo"],
+        [
+            f"model.name_or_path={model_dir}",
+            f"deepspeed.zero_stage={a.zero_stage}",
+            "objective.loss_type=dapo",
+            f"model.dtype={'bfloat16' if cuda else 'float32'}",
+        ],
     )
     engine, _, _ = build_engine(cfg, str(model_dir), 1, 1000)
     stages = {
@@ -73,7 +100,7 @@ def main() -> int:
             max_completion_length=a.tokens,
             rank=0,
             world_size=1,
-            device=torch.device("cpu"),
+            device=torch.device(a.device),
             share_prompts=share,
         )
         for share in (True, False)
@@ -91,13 +118,20 @@ def main() -> int:
         for share, stage in stages.items():
             t0 = time.perf_counter()
             stage.step(TrainBatch(step=r, rows=rows))
+            if cuda:
+                torch.cuda.synchronize()
             if r:  # round 0 is the warm-up
                 times[share].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    where = torch.cuda.get_device_name(0) if cuda else "cpu"
     print(
-        f"\n{a.model} model {MODELS[a.model]}; {a.prompts} prompts x {a.generations} completions; prompt "
-        f"{a.prompt_tokens} + completion {a.tokens} tokens; {a.repeats} rounds, alternating\n"
+        f"\n{a.model} model {SHAPES[a.model]} ({n_params / 1e6:.1f}M parameters) on {where}, ZeRO-{a.zero_stage}, "
+        f"{cfg.model.dtype}; {a.prompts} prompts x {a.generations} completions; prompt {a.prompt_tokens} + "
+        f"completion {a.tokens} tokens; {a.repeats} rounds, alternating\n"
     )
+    if cuda:
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB\n")
     print("| share_prompt_forward | step median (min) s | vs off |\n|---|---|---|")
     for share in (True, False):
         print(
