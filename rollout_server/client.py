@@ -142,6 +142,14 @@ class RolloutClient:
         self._http.close()
 
 
+def _free_port(addr: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((addr, 0))
+        return sock.getsockname()[1]
+
+
 @dataclass
 class SyncStats:
     version: int
@@ -194,6 +202,10 @@ class WeightSyncClient:
         """Create the group: this process hosts the TCPStore at master_addr:master_port and is rank 0.
 
         Servers take consecutive ranks after it (a vLLM server with tensor parallelism takes one per GPU).
+        ``master_port`` 0: the store binds a port the OS picks and the servers are told that one, so no other
+        process can take it between the choice and the bind (a port picked beforehand and bound later was
+        taken in between once in a full test run: EADDRINUSE). vLLM's NCCL group cannot bind port 0: there a
+        free port is picked just before.
         """
         self.close_group()
         self.timeout_s = timeout_s
@@ -221,6 +233,9 @@ class WeightSyncClient:
         self.default_bucket_bytes = required.pop() if required else DEFAULT_BUCKET_BYTES
         if wire == "torch":
             store = open_store(master_addr, master_port, True, timeout_s)
+            master_port = store.port  # the bound one, also when 0 was asked for
+        elif master_port == 0:
+            master_port = _free_port(master_addr)
         futures = [
             self._pool.submit(
                 self._post,

@@ -26,7 +26,6 @@ import pytest
 import torch
 
 from tests.trainer_support import (
-    free_port,
     greedy_with_logprobs,
     load_hf,
     read_jsonl,
@@ -107,7 +106,6 @@ def test_three_off_policy_grpo_steps_sync_into_vllm(smollm2_dir, gsm8k_dir, tmp_
             "deepspeed.zero_stage=2",
             "deepspeed.dist_timeout_s=600",
             f"rollout.server_urls=[{url}]",
-            f"rollout.sync_master_port={free_port()}",
             "rollout.sync_bucket_mb=64",  # ~9 buckets of the 538 MB model
             "rollout.request_timeout_s=600",
             "rollout.ready_timeout_s=600",

@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from tests.trainer_support import (
-    free_port,
     greedy_with_logprobs,
     load_hf,
     read_jsonl,
@@ -72,7 +71,6 @@ def e2e_run(tiny_model_dir, tmp_path_factory, request):
             f"run.output_dir={out}",
             "run.name=e2e",
             f"rollout.server_urls=[{url0}, {url1}]",
-            f"rollout.sync_master_port={free_port()}",
             f"optim.max_steps={STEPS}",
             f"optim.lr={LR}",
             f"optim.adam_eps={ADAM_EPS}",

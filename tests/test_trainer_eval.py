@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.trainer_support import free_port, read_jsonl, read_log, rollout_server, start_trainer, wait_all
+from tests.trainer_support import read_jsonl, read_log, rollout_server, start_trainer, wait_all
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +16,6 @@ def test_eval_every_steps_logs_held_out_accuracy(tiny_model_dir, tmp_path):
             f"run.output_dir={tmp_path}",
             "run.name=evalrun",
             f"rollout.server_urls=[{url}]",
-            f"rollout.sync_master_port={free_port()}",
             "logging.tensorboard=false",
             "optim.max_steps=4",
             "checkpoint.every_steps=0",

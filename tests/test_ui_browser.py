@@ -335,7 +335,6 @@ def real_run_dir(tiny_model_dir, tmp_path_factory) -> Path:
             f"run.output_dir={out}",
             "run.name=real",
             f"rollout.server_urls=[{url}]",
-            f"rollout.sync_master_port={free_port()}",
             "logging.tensorboard=false",
             "logging.completions_every_steps=1",
             "optim.max_steps=3",

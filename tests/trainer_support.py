@@ -121,7 +121,6 @@ def run_overrides(model_dir, out, name: str, url: str, *extra: str) -> list[str]
         f"run.output_dir={out}",
         f"run.name={name}",
         f"rollout.server_urls=[{url}]",
-        f"rollout.sync_master_port={free_port()}",
         "logging.tensorboard=false",
         *extra,
     ]

@@ -18,7 +18,7 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, TrainConfig, config_to_yaml
-from trainer.distributed import DistInfo, barrier, broadcast_object, free_port
+from trainer.distributed import DistInfo, barrier, broadcast_object
 
 log = logging.getLogger("trainer")
 
@@ -110,7 +110,7 @@ def _build_update_side(c: Components, info: DistInfo) -> None:
         zero3=cfg.deepspeed.zero_stage == 3,
         backend=transfer_backend(r.sync_backend),
         master_addr=r.sync_master_addr,
-        master_port=r.sync_master_port or broadcast_object(free_port() if c.rank == 0 else None),
+        master_port=r.sync_master_port,  # 0: rank 0's store binds a port the OS picks (WeightSyncClient)
         bucket_bytes=int(r.sync_bucket_mb * (1 << 20)),
         timeout_s=r.sync_timeout_s,
         dtype=sync_dtype if sync_dtype != train_dtype else None,
