@@ -40,6 +40,7 @@ import httpx
 import torch
 
 from rollout_server import protocol as P
+from rollout_server.spawn import free_port
 from rollout_server.weight_transfer import (
     TransferGroup,
     WeightTransferError,
@@ -142,14 +143,6 @@ class RolloutClient:
         self._http.close()
 
 
-def _free_port(addr: str) -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((addr, 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class SyncStats:
     version: int
@@ -235,7 +228,7 @@ class WeightSyncClient:
             store = open_store(master_addr, master_port, True, timeout_s)
             master_port = store.port  # the bound one, also when 0 was asked for
         elif master_port == 0:
-            master_port = _free_port(master_addr)
+            master_port = free_port(master_addr)
         futures = [
             self._pool.submit(
                 self._post,

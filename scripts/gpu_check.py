@@ -33,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.trainer_support import child_env  # noqa: E402  (OMP 1 thread, offline hub, this checkout first)
+
 SHAPES = {"qwen2.5-0.5b": "qwen2.5-0.5b", "small": "large"}  # --shape -> bench_update's --model
 
 
@@ -55,17 +57,6 @@ def env_report() -> dict:
             "count": torch.cuda.device_count(),
         }
     return out
-
-
-def child_env() -> dict:
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1"
-    )
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def bench_update(shape: str, device: str, prompts: int, tokens: int, repeats: int, log: Path) -> dict:

@@ -90,6 +90,10 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# The run folder's per-step logs (rank 0 writes them): each step appears once, whatever restarts happened.
+STEP_LOGS = ("metrics.jsonl", "completions.jsonl")
+
+
 def _truncate_after_step(path: Path, step: int) -> None:
     """Rewrite a JSONL log keeping only rows with ``step <= step`` (atomic replace)."""
     if not path.exists():
@@ -130,7 +134,7 @@ class Trainer:
             self.c.dataset.load_state_dict(state["data"])
             self.skipped_steps = int(state.get("skipped_steps", 0))
             # Steps after the checkpoint will run again: drop their old rows so every step appears once.
-            for name in ("metrics.jsonl", "completions.jsonl"):
+            for name in STEP_LOGS:
                 _truncate_after_step(self.cfg.run_dir / name, int(state["step"]))
         self.last_checkpoint = path
         log.info("resumed from %s (step %d)", path, state["step"])
@@ -141,7 +145,7 @@ class Trainer:
         they are an earlier attempt of this run that died before its first checkpoint (the launcher restarts
         such a trainer): it runs those steps again, so their rows go, as after any resume. Without it they
         belong to an earlier run in the same folder: they are kept aside, renamed, and never appended to."""
-        for name in ("metrics.jsonl", "completions.jsonl"):
+        for name in STEP_LOGS:
             path = self.cfg.run_dir / name
             if not path.exists() or path.stat().st_size == 0:
                 continue

@@ -108,12 +108,11 @@ def iter_full_tensors(
     # With more ranks both paths run one all-gather per parameter, and a companion would only add one.
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    by_size = sorted(range(len(params)), key=lambda i: _numel(params[i][1]))
-
     def partitioned(p: torch.nn.Parameter) -> bool:
         return getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE
 
     one_rank = torch.distributed.get_world_size(getattr(params[0][1], "ds_process_group", None)) == 1
+    by_size = sorted(range(len(params)), key=lambda i: _numel(params[i][1])) if one_rank else []
     for group in groups:
         subset = [params[i][1] for i in group]
         if one_rank and sum(partitioned(p) for p in subset) == 1:
