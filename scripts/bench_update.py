@@ -2,12 +2,16 @@
 
     python scripts/bench_update.py                              # = make bench-update
     python scripts/bench_update.py --prompts 1 --tokens 256 --model small
+    python scripts/bench_update.py --compare compile            # model.compile_regions on against off
 
 One process, one rank (ZeRO-2 over gloo, fp32), a tiny Qwen2 of one of bench-vs-trl's shapes built here, a synthetic scored
 batch: ``--prompts`` prompts of ``--prompt-tokens`` tokens, 16 completions of exactly ``--tokens`` tokens each.
 The same engine runs ``UpdateStage.step`` with ``share_prompts`` on (each distinct prompt through the model
 once, its completions on its cached keys/values) and off (every row is prompt + completion), alternating, for
 ``--repeats`` rounds after one warm-up of each; it prints the median and min of each and their ratio.
+``--compare compile`` instead runs one engine (prompts shared) with ``model.compile_regions``'s regions
+compiled and eager in alternation (the compiled code is switched off and on between steps, so both sides
+train the same engine); its warm-up step includes the compilation.
 """
 
 from __future__ import annotations
@@ -45,6 +49,29 @@ SHAPES = {
 }
 
 
+def compiled_switch(hf_model):
+    """Compile ``hf_model``'s regions (``trainer.compile_regions``) and return ``switch(on)``, which turns the
+    compiled code on or off: each module's compiled call, and the modelling file's compiled rotary function."""
+    from trainer.compile_regions import ROTARY_FUNCTION, compile_regions
+
+    modelling = sys.modules[type(hf_model).__module__]
+    eager_rotary = getattr(modelling, ROTARY_FUNCTION, None)
+    compile_regions(hf_model)
+    compiled_rotary = getattr(modelling, ROTARY_FUNCTION, None)
+    modules = [m for m in hf_model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    calls = [m._compiled_call_impl for m in modules]
+
+    def switch(on: bool) -> None:
+        for m, call in zip(modules, calls, strict=True):
+            m._compiled_call_impl = call if on else None
+        if eager_rotary is not None:
+            setattr(modelling, ROTARY_FUNCTION, compiled_rotary if on else eager_rotary)
+
+    if not modules:
+        raise RuntimeError("compile_regions compiled no module")
+    return switch
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=4)
@@ -59,6 +86,12 @@ def main() -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16 over NCCL")
     p.add_argument("--zero-stage", type=int, choices=[2, 3], default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--compare",
+        choices=["share", "compile"],
+        default="share",
+        help="share: share_prompt_forward on vs off; compile: model.compile_regions on vs off",
+    )
     a = p.parse_args()
 
     import torch
@@ -89,8 +122,9 @@ def main() -> int:
         ],
     )
     engine, _, _ = build_engine(cfg, str(model_dir), 1, 1000)
+    switch = compiled_switch(engine.module.model) if a.compare == "compile" else None
     stages = {
-        share: UpdateStage(
+        side: UpdateStage(
             engine,
             cfg.objective.loss_config(),
             pad_id=0,
@@ -101,9 +135,9 @@ def main() -> int:
             rank=0,
             world_size=1,
             device=torch.device(a.device),
-            share_prompts=share,
+            share_prompts=side or a.compare == "compile",
         )
-        for share in (True, False)
+        for side in (True, False)
     }
     rng = random.Random(0)
     vocab = engine.module.model.config.vocab_size
@@ -115,13 +149,15 @@ def main() -> int:
             rows.append(TrainRow(prompt, completion, rng.uniform(-1, 1), [-1.0] * a.tokens))
     times: dict[bool, list[float]] = {True: [], False: []}
     for r in range(a.repeats + 1):
-        for share, stage in stages.items():
+        for side, stage in stages.items():
+            if switch:
+                switch(side)
             t0 = time.perf_counter()
             stage.step(TrainBatch(step=r, rows=rows))
             if cuda:
                 torch.cuda.synchronize()
             if r:  # round 0 is the warm-up
-                times[share].append(time.perf_counter() - t0)
+                times[side].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     where = torch.cuda.get_device_name(0) if cuda else "cpu"
@@ -132,11 +168,12 @@ def main() -> int:
     )
     if cuda:
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB\n")
-    print("| share_prompt_forward | step median (min) s | vs off |\n|---|---|---|")
-    for share in (True, False):
+    label = "share_prompt_forward" if a.compare == "share" else "compile_regions"
+    print(f"| {label} | step median (min) s | vs off |\n|---|---|---|")
+    for side in (True, False):
         print(
-            f"| {'on' if share else 'off'} | {med[share]:.3f} ({min(times[share]):.3f}) | "
-            f"{med[share] / med[False]:.2f}x |"
+            f"| {'on' if side else 'off'} | {med[side]:.3f} ({min(times[side]):.3f}) | "
+            f"{med[side] / med[False]:.2f}x |"
         )
     dist.destroy_process_group()
     return 0

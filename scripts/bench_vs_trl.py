@@ -9,10 +9,12 @@ TRL's; the lengths obtained are checked), ``P`` prompts per step. Both systems: 
 the same arithmetic prompts in the same order, the reference reward set, DAPO loss, beta 0, AdamW, fp32,
 one optimizer step per batch; TRL with its default generation (transformers ``generate``), ours with a torch
 rollout server on its own process, with ``rollout.max_off_policy_steps`` 0 (on-policy) and 1 (generation of
-step s+1 overlapped with training of step s).
+step s+1 overlapped with training of step s), and ``ours-1c``: ours-1 with ``model.compile_regions`` (the
+trained policy's MLPs, norms and rotary embedding compiled; its first step pays the compilation, which the
+dropped warm-up steps absorb). TRL has a ``torch_compile`` option too; it is not used here (its default).
 
-Each round runs every system once per configuration, in alternation (ours-0, ours-1, TRL, then the next
-round), each for ``--steps`` steps in a fresh process; the first ``--warmup`` steps of each run are dropped.
+Each round runs every system once per configuration, in alternation (ours-0, ours-1, ours-1c, TRL, then the
+next round; ``--systems`` picks a subset), each for ``--steps`` steps in a fresh process; the first ``--warmup`` steps of each run are dropped.
 Step times are pooled over rounds: median, min, max, and the ratio of medians. For ours the time split is
 the update side's: waiting for rollouts (idle), train, sync; generation runs on the server meanwhile.
 """
@@ -38,6 +40,9 @@ MODELS = {
 }
 LR = 1e-5
 DEFAULT_CONFIGS = [f"{m}:{L}:{P}" for m in MODELS for L in (64, 256) for P in (1, 4)]
+# our systems: name -> (rollout.max_off_policy_steps, model.compile_regions)
+OURS = {"ours-0": (0, False), "ours-1": (1, False), "ours-1c": (1, True)}
+SYSTEMS = [*OURS, "trl"]
 
 
 def parse_config(text: str) -> tuple[str, int, int]:
@@ -48,8 +53,16 @@ def parse_config(text: str) -> tuple[str, int, int]:
 
 
 # ---- one run of our service (child process) -----------------------------------------------------------------
-def run_ours(model_dir: Path, work: Path, length: int, prompts: int, steps: int, off_policy: int, url: str):
-    from tests.trainer_support import free_port
+def run_ours(
+    model_dir: Path,
+    work: Path,
+    length: int,
+    prompts: int,
+    steps: int,
+    off_policy: int,
+    compiled: bool,
+    url: str,
+):
     from trainer.loop import run_training
     from trainer.metrics_log import read_jsonl
 
@@ -70,8 +83,8 @@ def run_ours(model_dir: Path, work: Path, length: int, prompts: int, steps: int,
         "objective.logprob_chunk_tokens=1024",
         f"objective.importance_sampling_cap={3.0 if off_policy else 'null'}",
         f"rollout.max_off_policy_steps={off_policy}",
+        f"model.compile_regions={str(compiled).lower()}",
         f"rollout.server_urls=[{url}]",
-        f"rollout.sync_master_port={free_port()}",
         "rollout.sync_bucket_mb=256",
         "checkpoint.every_steps=0",
         "checkpoint.save_final=false",
@@ -176,7 +189,8 @@ def child(kind: str, a: argparse.Namespace) -> int:
     if kind == "trl":
         rows = run_trl(model_dir, a.work, length, prompts, a.steps)
     else:
-        rows = run_ours(model_dir, a.work, length, prompts, a.steps, int(kind[-1]), a.url)
+        off_policy, compiled = OURS[kind]
+        rows = run_ours(model_dir, a.work, length, prompts, a.steps, off_policy, compiled, a.url)
     print("RESULT " + json.dumps(rows), flush=True)
     return 0
 
@@ -200,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="MODEL:L:P (see above)")
     p.add_argument("--steps", type=int, default=5, help="steps per run (the first --warmup are dropped)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2, help="alternations of the three systems")
+    p.add_argument("--rounds", type=int, default=2, help="alternations of the systems")
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=SYSTEMS, help="which systems to run")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -219,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     from tests.trainer_support import rollout_server
     from trainer.tiny_model import build_tiny_model
 
-    systems = ["ours-0", "ours-1", "trl"]
+    systems = [s for s in SYSTEMS if s in a.systems]
+    if "trl" not in systems:
+        p.error("--systems must include trl (the ratios are to it)")
     results: dict[str, dict[str, list[dict]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-vs-trl-") as tmp:
         work = Path(tmp)

@@ -105,6 +105,12 @@ class ModelConfig(Section):
     attn_implementation: Literal["sdpa", "eager"] = Field(
         "sdpa", description="Attention kernel of the policy."
     )
+    compile_regions: bool = Field(
+        False,
+        description="torch.compile the element-wise parts of the trained policy (its MLPs, RMSNorms and rotary "
+        "embedding; trainer/compile_regions.py). Measured on CPU: 0.87-0.91x the update time of the eager "
+        "model; the first step pays the compilation (20-60 s on a CPU, needs a C++ compiler). ZeRO-2 only.",
+    )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Tiny-model options.")
 
 
@@ -542,6 +548,9 @@ class TrainConfig(Section):
     def _consistent(self) -> TrainConfig:
         if self.deepspeed.offload_param and self.deepspeed.zero_stage != 3:
             raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage 3")
+        if self.model.compile_regions and self.deepspeed.zero_stage == 3:
+            # ZeRO-3's hooks gather a module's parameter partitions on entry; compiling the module traces them.
+            raise ValueError("model.compile_regions needs deepspeed.zero_stage 2")
         if self.rollout.max_off_policy_steps and self.objective.importance_sampling_cap is None:
             raise ValueError(
                 "rollout.max_off_policy_steps > 0 needs objective.importance_sampling_cap (e.g. 3.0): the "

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from trainer.compile_regions import compile_regions
 from trainer.config import TrainConfig
 from trainer.update_stage import LogprobPolicy
 
@@ -200,6 +201,8 @@ def build_engine(cfg: TrainConfig, model_path: str, world_size: int, total_steps
     hf_model = load_model(model_path, dtype, cfg, ds_config)
     if cfg.model.gradient_checkpointing:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.compile_regions:
+        compile_regions(hf_model)
     model = LogprobPolicy(hf_model)
     o = cfg.optim
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
