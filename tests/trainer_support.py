@@ -114,8 +114,8 @@ def start_trainer(
 
 
 def run_overrides(model_dir, out, name: str, url: str, *extra: str) -> list[str]:
-    """What every single-server trainer run of the tests sets: the model, RUN_DIR = out/name, the server, a
-    free weight-sync port and no TensorBoard; ``extra`` comes last, so it wins."""
+    """What every single-server trainer run of the tests sets: the model, RUN_DIR = out/name, the server and no
+    TensorBoard (the weight-sync store picks its own port); ``extra`` comes last, so it wins."""
     return [
         f"model.name_or_path={model_dir}",
         f"run.output_dir={out}",
