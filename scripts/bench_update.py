@@ -10,7 +10,7 @@ The same engine runs ``UpdateStage.step`` with ``share_prompts`` on (each distin
 once, its completions on its cached keys/values) and off (every row is prompt + completion), alternating, for
 ``--repeats`` rounds after one warm-up of each; it prints the median and min of each and their ratio.
 ``--compare compile`` instead runs one engine (prompts shared) with ``model.compile_regions``'s regions
-compiled and eager in alternation (the compiled code is switched off and on between steps, so both sides
+compiled and eager in alternation (``CompiledRegions.enable`` switches them between steps, so both sides
 train the same engine); its warm-up step includes the compilation.
 """
 
@@ -49,29 +49,6 @@ SHAPES = {
 }
 
 
-def compiled_switch(hf_model):
-    """Compile ``hf_model``'s regions (``trainer.compile_regions``) and return ``switch(on)``, which turns the
-    compiled code on or off: each module's compiled call, and the modelling file's compiled rotary function."""
-    from trainer.compile_regions import ROTARY_FUNCTION, compile_regions
-
-    modelling = sys.modules[type(hf_model).__module__]
-    eager_rotary = getattr(modelling, ROTARY_FUNCTION, None)
-    compile_regions(hf_model)
-    compiled_rotary = getattr(modelling, ROTARY_FUNCTION, None)
-    modules = [m for m in hf_model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
-    calls = [m._compiled_call_impl for m in modules]
-
-    def switch(on: bool) -> None:
-        for m, call in zip(modules, calls, strict=True):
-            m._compiled_call_impl = call if on else None
-        if eager_rotary is not None:
-            setattr(modelling, ROTARY_FUNCTION, compiled_rotary if on else eager_rotary)
-
-    if not modules:
-        raise RuntimeError("compile_regions compiled no module")
-    return switch
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=4)
@@ -93,11 +70,14 @@ def main() -> int:
         help="share: share_prompt_forward on vs off; compile: model.compile_regions on vs off",
     )
     a = p.parse_args()
+    if a.compare == "compile" and a.zero_stage == 3:
+        p.error("--compare compile needs --zero-stage 2 (model.compile_regions is ZeRO-2 only)")
 
     import torch
     import torch.distributed as dist
 
     from rollout_server.spawn import free_port
+    from trainer.compile_regions import compile_regions
     from trainer.config import load_config
     from trainer.engine_setup import build_engine
     from trainer.tiny_model import build_tiny_model
@@ -122,9 +102,10 @@ def main() -> int:
         ],
     )
     engine, _, _ = build_engine(cfg, str(model_dir), 1, 1000)
-    switch = compiled_switch(engine.module.model) if a.compare == "compile" else None
+    # compile: compiled on one side, eager on the other, the same engine (regions.enable switches them)
+    regions = compile_regions(engine.module.model) if a.compare == "compile" else None
     stages = {
-        side: UpdateStage(
+        on: UpdateStage(
             engine,
             cfg.objective.loss_config(),
             pad_id=0,
@@ -135,9 +116,10 @@ def main() -> int:
             rank=0,
             world_size=1,
             device=torch.device(a.device),
-            share_prompts=side or a.compare == "compile",
+            # the compile comparison runs with the default (prompts shared) on both sides
+            share_prompts=on or a.compare == "compile",
         )
-        for side in (True, False)
+        for on in (True, False)
     }
     rng = random.Random(0)
     vocab = engine.module.model.config.vocab_size
@@ -149,15 +131,15 @@ def main() -> int:
             rows.append(TrainRow(prompt, completion, rng.uniform(-1, 1), [-1.0] * a.tokens))
     times: dict[bool, list[float]] = {True: [], False: []}
     for r in range(a.repeats + 1):
-        for side, stage in stages.items():
-            if switch:
-                switch(side)
+        for on, stage in stages.items():
+            if regions:
+                regions.enable(on)
             t0 = time.perf_counter()
             stage.step(TrainBatch(step=r, rows=rows))
             if cuda:
                 torch.cuda.synchronize()
             if r:  # round 0 is the warm-up
-                times[side].append(time.perf_counter() - t0)
+                times[on].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     where = torch.cuda.get_device_name(0) if cuda else "cpu"
@@ -170,10 +152,10 @@ def main() -> int:
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB\n")
     label = "share_prompt_forward" if a.compare == "share" else "compile_regions"
     print(f"| {label} | step median (min) s | vs off |\n|---|---|---|")
-    for side in (True, False):
+    for on in (True, False):
         print(
-            f"| {'on' if side else 'off'} | {med[side]:.3f} ({min(times[side]):.3f}) | "
-            f"{med[side] / med[False]:.2f}x |"
+            f"| {'on' if on else 'off'} | {med[on]:.3f} ({min(times[on]):.3f}) | "
+            f"{med[on] / med[False]:.2f}x |"
         )
     dist.destroy_process_group()
     return 0

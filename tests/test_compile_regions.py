@@ -1,11 +1,13 @@
 """``model.compile_regions``: the trained policy with its MLPs, RMSNorms and rotary embedding compiled trains
-the same as the eager one, and one compilation serves every later prompt and completion length.
+the same as the eager one, and the graphs compiled in the first steps serve every later length.
 
 The engines run in a child process: compiling replaces the modelling file's rotary function for the whole
-process, and other tests in this one must keep the eager model. There a one-rank ZeRO-2 engine (gloo, fp32)
-trains 4 steps eagerly, then a second engine, built from the same weights with compile_regions on, trains the
-same 4 batches. Each step has other prompt and completion lengths (and the third mixes prompt lengths, so rows
-are padded). Compared: each step's loss and grad norm, and the weights after the 4 steps.
+process, and other tests in this one must keep the eager model. There a one-rank ZeRO-2 engine (gloo, fp32,
+two updates per batch, so each step also runs a no-grad pass) trains 5 steps eagerly; then an engine built
+from the same weights with compile_regions on, and one with gradient checkpointing as well, train the same 5
+batches. Step 1 has one prompt, step 2 two, steps 3-5 new prompt and completion lengths (step 3 mixes prompt
+lengths, so rows are padded). Compared: each step's loss and grad norm, the weights after the 5 steps, and the
+number of compiled graphs after each step; reaching dynamo's limit of compiled variants is made an error.
 """
 
 from __future__ import annotations
@@ -22,16 +24,21 @@ from trainer.config import ConfigError, load_config
 CHILD = r"""
 import json, random, sys
 import torch, torch.distributed as dist
+import torch._dynamo
 from torch._dynamo.utils import counters
+from trainer.compile_regions import is_compiled
 from trainer.config import load_config
 from trainer.engine_setup import build_engine
 from trainer.update_stage import TrainBatch, TrainRow, UpdateStage
 
+# Hitting the limit of compiled variants must fail here, not fall back to eager with a warning.
+torch._dynamo.config.fail_on_recompile_limit_hit = True
 model_dir, config = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
 
-# (prompt lengths, completion length) per step: 2 prompts x 4 completions
-SHAPES = [((5, 5), 8), ((9, 9), 12), ((6, 11), 7), ((13, 13), 20)]
+# (prompt lengths, completion length) per step, 4 completions per prompt: one prompt first (the prompt pass
+# has batch 1), then new lengths at every step and, at step 3, prompts of two lengths (padded rows).
+SHAPES = [((5,), 8), ((9, 9), 12), ((6, 11), 7), ((13, 13), 20), ((4, 7), 10)]
 rng = random.Random(0)
 batches = []
 for step, (prompt_lens, length) in enumerate(SHAPES, start=1):
@@ -43,12 +50,14 @@ for step, (prompt_lens, length) in enumerate(SHAPES, start=1):
             rows.append(TrainRow(prompt, completion, rng.uniform(-1, 1), [-1.0] * length))
     batches.append(TrainBatch(step=step, rows=rows))
 
-def train(compile_regions):
+def train(*extra):
+    # num_iterations 2: each step also runs a no-grad pass (the old log-probs) before its two updates
     cfg = load_config(config, [f"model.name_or_path={model_dir}", "deepspeed.zero_stage=2",
                                "model.dtype=float32", "optim.lr=1e-3", "optim.max_grad_norm=0",
-                               f"model.compile_regions={str(compile_regions).lower()}"])
+                               "objective.num_iterations=2", *extra])
     engine, _, _ = build_engine(cfg, model_dir, 1, 100)
-    before = {k: v.detach().clone() for k, v in engine.module.model.named_parameters()}
+    model = engine.module.model
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
     stage = UpdateStage(engine, cfg.objective.loss_config(), pad_id=0, temperature=1.0, chunk_tokens=1024,
                         micro_batch_tokens=1 << 20, max_completion_length=32, rank=0, world_size=1,
                         device=torch.device("cpu"), share_prompts=True)
@@ -57,22 +66,29 @@ def train(compile_regions):
         r = stage.step(batch)
         steps.append({"loss": r.loss, "grad_norm": r.grad_norm})
         graphs.append(counters["stats"]["unique_graphs"])
-    weights = {k: v.detach().clone() for k, v in engine.module.model.named_parameters()}
-    moved = max((weights[k] - before[k]).abs().max().item() for k in weights)
-    return steps, graphs, weights, engine.module.model, moved
+    weights = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return {
+        "steps": steps,
+        "graphs": graphs,
+        "weights": weights,
+        "moved": max((weights[k] - before[k]).abs().max().item() for k in weights),
+        "compiled": sorted({type(m).__name__ for m in model.modules() if is_compiled(m.forward)}),
+        "compiled_modules": sum(is_compiled(m.forward) for m in model.modules()),
+        "num_modules": sum(type(m).__name__.endswith(("MLP", "RMSNorm")) for m in model.modules()),
+    }
 
-eager_steps, eager_graphs, eager_w, _, moved = train(False)
-compiled_steps, graphs, compiled_w, model, _ = train(True)
-print("RESULT " + json.dumps({
-    "eager": eager_steps, "compiled": compiled_steps, "eager_graphs": eager_graphs, "graphs": graphs,
-    "moved": moved,
-    "max_weight_diff": max((eager_w[k] - compiled_w[k]).abs().max().item() for k in eager_w),
-    "compiled_mlps": sum(type(m).__name__.endswith("MLP") and getattr(m, "_compiled_call_impl", None) is not None
-                         for m in model.modules()),
-}))
+# The eager run first: compiling replaces the rotary function for the whole process.
+runs = {"eager": train(), "compiled": train("model.compile_regions=true")}
+runs["checkpointed"] = train("model.compile_regions=true", "model.gradient_checkpointing=true")
+eager_w = runs["eager"]["weights"]
+for r in runs.values():
+    r["max_weight_diff"] = max((eager_w[k] - r["weights"][k]).abs().max().item() for k in eager_w)
+    del r["weights"]
+print("RESULT " + json.dumps(runs))
 """
 
 
+@pytest.mark.slow
 def test_compiled_regions_train_like_the_eager_model_and_compile_once(tiny_model_dir, tmp_path):
     script = tmp_path / "compile_child.py"
     script.write_text(CHILD)
@@ -89,17 +105,24 @@ def test_compiled_regions_train_like_the_eager_model_and_compile_once(tiny_model
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r = json.loads(lines[-1].removeprefix("RESULT "))
-    assert r["compiled_mlps"] == 2, r  # the tiny model's two layers
-    assert r["eager_graphs"] == [0, 0, 0, 0], r  # the eager engine compiled nothing
-    assert r["graphs"][0] > 0, r
-    # Steps 2-4 bring new prompt and completion lengths (and padded rows) but no new graph.
-    assert r["graphs"] == [r["graphs"][0]] * 4, r
-    for e, c in zip(r["eager"], r["compiled"], strict=True):
-        assert c["loss"] == pytest.approx(e["loss"], rel=1e-5, abs=1e-7), r
-        assert c["grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-5), r
-    # Adam moved the weights by 4e-3; the fused kernels round differently (6e-6 measured).
-    assert r["moved"] > 1e-3 and r["max_weight_diff"] < 1e-4, r
+    runs = json.loads(lines[-1].removeprefix("RESULT "))
+    eager, compiled, checkpointed = runs["eager"], runs["compiled"], runs["checkpointed"]
+    assert eager["compiled"] == [] and eager["graphs"] == [0] * 5, eager  # the eager engine compiled nothing
+    # The tiny model: 2 layers x (MLP + 2 norms) + the final norm, every one compiled.
+    assert compiled["compiled"] == ["Qwen2MLP", "Qwen2RMSNorm"], compiled
+    assert compiled["compiled_modules"] == compiled["num_modules"] == 7, compiled
+    # One prompt at step 1 and two at step 2 bring their own variants; steps 3-5 bring new prompt and
+    # completion lengths and padded rows, but no new graph. Under gradient checkpointing every row is prompt
+    # + completion (no shared prompt pass): its variants come at step 1, none later.
+    g, gc = compiled["graphs"], checkpointed["graphs"]
+    assert g[0] > 0 and g[2:] == [g[1]] * 3, g
+    assert gc[0] >= g[-1] and gc == [gc[0]] * 5, gc
+    for run in (compiled, checkpointed):
+        for e, c in zip(eager["steps"], run["steps"], strict=True):
+            assert c["loss"] == pytest.approx(e["loss"], rel=1e-5, abs=1e-7), runs
+            assert c["grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-5), runs
+        # Adam moved the weights by more than 1e-3; fused kernels round differently (6e-6 measured).
+        assert run["moved"] > 1e-3 and run["max_weight_diff"] < 1e-4, runs
 
 
 def test_compile_regions_is_refused_under_zero3():

@@ -40,14 +40,6 @@ def _max_weight_diff(a, b) -> float:
     return max(float((sa[k] - sb[k]).abs().max()) for k in sa)
 
 
-@pytest.mark.parametrize(
-    ("stage", "offload"),
-    [
-        ("2", ["deepspeed.offload_optimizer=true"]),
-        ("3", ["deepspeed.offload_optimizer=true", "deepspeed.offload_param=true"]),
-    ],
-    ids=["zero2-optimizer", "zero3-optimizer-and-params"],
-)
 def _assert_same_training(a_dir, b_dir, model_dir) -> None:
     """B logged steps 1-4 once each with A's prompts, loss and grad norm, and exported A's weights."""
     a = {m["step"]: m for m in read_jsonl(a_dir / "metrics.jsonl")}
@@ -66,6 +58,14 @@ def _assert_same_training(a_dir, b_dir, model_dir) -> None:
     assert moved > 1e-3  # the comparison above is not between untrained copies
 
 
+@pytest.mark.parametrize(
+    ("stage", "offload"),
+    [
+        ("2", ["deepspeed.offload_optimizer=true"]),
+        ("3", ["deepspeed.offload_optimizer=true", "deepspeed.offload_param=true"]),
+    ],
+    ids=["zero2-optimizer", "zero3-optimizer-and-params"],
+)
 def test_offload_trains_like_the_plain_engine_and_resumes(tiny_model_dir, tmp_path, stage, offload):
     # weight decay on: the CPU Adam must apply AdamW's decoupled decay as torch does
     zero = [f"deepspeed.zero_stage={stage}", DIGITS, "optim.weight_decay=0.1"]

@@ -107,9 +107,10 @@ class ModelConfig(Section):
     )
     compile_regions: bool = Field(
         False,
-        description="torch.compile the element-wise parts of the trained policy (its MLPs, RMSNorms and rotary "
-        "embedding; trainer/compile_regions.py). Measured on CPU: 0.87-0.91x the update time of the eager "
-        "model; the first step pays the compilation (20-60 s on a CPU, needs a C++ compiler). ZeRO-2 only.",
+        description="torch.compile the element-wise parts of the trained policy: its MLPs and RMSNorms, and "
+        "the modelling file's rotary function, which is replaced for the whole trainer process (a reference "
+        "model of the same architecture uses it too); trainer/compile_regions.py. The first step pays the "
+        "compilation (needs a C++ compiler on a CPU); the README gives the measured update times. ZeRO-2 only.",
     )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Tiny-model options.")
 
