@@ -12,13 +12,9 @@ number of compiled graphs after each step; reaching dynamo's limit of compiled v
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from tests.trainer_support import REPO, child_env, free_port
+from tests.trainer_support import REPO, run_one_rank_child
 from trainer.config import ConfigError, load_config
 
 CHILD = r"""
@@ -90,22 +86,9 @@ print("RESULT " + json.dumps(runs))
 
 @pytest.mark.slow
 def test_compiled_regions_train_like_the_eager_model_and_compile_once(tiny_model_dir, tmp_path):
-    script = tmp_path / "compile_child.py"
-    script.write_text(CHILD)
-    env = child_env(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+    runs = run_one_rank_child(
+        CHILD, tmp_path, str(tiny_model_dir), str(REPO / "configs/cpu-tiny-test.yaml"), timeout_s=600
     )
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tiny_model_dir), str(REPO / "configs/cpu-tiny-test.yaml")],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    runs = json.loads(lines[-1].removeprefix("RESULT "))
     eager, compiled, checkpointed = runs["eager"], runs["compiled"], runs["checkpointed"]
     assert eager["compiled"] == [] and eager["graphs"] == [0] * 5, eager  # the eager engine compiled nothing
     # The tiny model: 2 layers x (MLP + 2 norms) + the final norm, every one compiled.

@@ -13,11 +13,7 @@ flight, and DeepSpeed's per-parameter gather is not called at all.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from tests.trainer_support import REPO, child_env, free_port
+from tests.trainer_support import REPO, run_one_rank_child
 
 CHILD = r"""
 import json, random, sys
@@ -89,22 +85,9 @@ print("RESULT " + json.dumps(result))
 
 
 def test_zero3_push_gathers_lone_parameters_through_the_coalesced_path(tiny_model_dir, tmp_path):
-    script = tmp_path / "gather_child.py"
-    script.write_text(CHILD)
-    env = child_env(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+    result = run_one_rank_child(
+        CHILD, tmp_path, str(tiny_model_dir), str(REPO / "configs/cpu-tiny-test.yaml")
     )
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tiny_model_dir), str(REPO / "configs/cpu-tiny-test.yaml")],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(lines[-1].removeprefix("RESULT "))
     assert result["num_params"] > 2
     assert result["control_calls"] == 1  # the spy does see a per-parameter gather
     assert result["moved"], "the training step changed no weight"

@@ -50,6 +50,29 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_one_rank_child(source: str, tmp_path: Path, *args: str, timeout_s: float = 300) -> dict:
+    """Run the Python ``source`` as a one-rank torch.distributed process (env rendezvous on a free port) with
+    ``args``; return the JSON it printed on its last ``RESULT `` line (the test fails with its output if it
+    printed none or exited non-zero). For tests whose process-wide state (a process group, a compiled
+    function) must not leak into pytest's process."""
+    script = tmp_path / "child.py"
+    script.write_text(source)
+    env = child_env(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
