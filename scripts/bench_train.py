@@ -35,7 +35,7 @@ def _vm_hwm_mb(pid: int) -> float:
 
 def one_length(length: int, steps: int, micro_batch_tokens: int, model_dir: Path, work: Path) -> dict:
     """Start a server, train ``steps`` steps in this process, return the measured numbers."""
-    from tests.trainer_support import free_port, rollout_server
+    from tests.trainer_support import rollout_server
     from trainer.loop import run_training
     from trainer.metrics_log import read_jsonl
 
@@ -54,7 +54,6 @@ def one_length(length: int, steps: int, micro_batch_tokens: int, model_dir: Path
             "objective.logprob_chunk_tokens=1024",
             "data.max_prompt_length=256",
             f"rollout.server_urls=[{url}]",
-            f"rollout.sync_master_port={free_port()}",
             "rollout.request_timeout_s=1800",
             "rollout.sync_timeout_s=300",
             "checkpoint.every_steps=0",

@@ -139,7 +139,7 @@ def bench_sync_into_vllm(args, model_dir: Path) -> list[str]:
         raw = join_group(open_store("127.0.0.1", raw_port, True, 60), "127.0.0.1", 0, 2, "gloo", 300)
         buf = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)  # [nbytes]
         sync = WeightSyncClient(url)
-        sync.init_transfer("127.0.0.1", free_port(), backend="gloo", timeout_s=120)
+        sync.init_transfer("127.0.0.1", 0, backend="gloo", timeout_s=120)  # 0: the store binds its own port
         sync.push(manifest, iter(named), version=1, bucket_bytes=bucket)  # warm-up
         raw_t = []
         version = 1

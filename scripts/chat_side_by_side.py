@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -30,12 +29,6 @@ DEFAULT_QUESTION = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
     "How many clips did Natalia sell altogether in April and May?"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(cmd: list[str], health: str, log: Path, timeout_s: float) -> subprocess.Popen:
@@ -77,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from playwright.sync_api import sync_playwright
 
+    from rollout_server.spawn import free_port
     from trainer.eval import rollout_server  # starts a server on a free port, waits until it is ready
     from trainer.model_source import resolve_model_source
 
