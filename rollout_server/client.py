@@ -30,6 +30,8 @@ failure during the transfer raises `WeightSyncError` and the servers keep their 
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -44,6 +46,7 @@ from rollout_server.spawn import free_port
 from rollout_server.weight_transfer import (
     TransferGroup,
     WeightTransferError,
+    done_key,
     go_key,
     iter_packed_buckets,
     join_group,
@@ -156,6 +159,7 @@ class SyncStats:
         0  # bytes packed into bucket buffers; 0 when every bucket was sent from the tensors' memory
     )
     servers: list[P.UpdateWeightsResponse] = field(default_factory=list)
+    sync_id: str = ""  # this push's handshake keys in the store: rollout_sync/<sync_id>/...
 
 
 class WeightSyncClient:
@@ -177,6 +181,10 @@ class WeightSyncClient:
         self._ranks: list[int] = []
         self.default_bucket_bytes = DEFAULT_BUCKET_BYTES  # or what the servers require (see /health)
         self._slots: list[torch.Tensor] = []  # two reusable pack buffers (warm pages, no realloc per sync)
+        # The last successful push's HTTP answers: its servers reported "done" through the store first, so
+        # the answers may still be in flight; the next push waits for them (each server's update lock is
+        # free once it answered).
+        self._answers: list[Future] = []
         self.timeout_s = 60.0
 
     def _post(self, url: str, route: str, body: dict, timeout_s: float) -> dict:
@@ -275,6 +283,8 @@ class WeightSyncClient:
         if group is None:
             raise WeightSyncError("push: call init_transfer first (or again, after a failed push)")
         timeout_s = timeout_s or max(self.timeout_s, 60.0)
+        concurrent.futures.wait(self._answers, timeout=timeout_s)  # ms: see __init__
+        self._answers = []
         t0 = time.monotonic()
         sync_id = f"v{version}-{uuid.uuid4().hex[:12]}"
         body = P.UpdateWeightsRequest(
@@ -288,10 +298,22 @@ class WeightSyncClient:
             self._pool.submit(self._post, url, P.ROUTE_UPDATE_WEIGHTS, body, timeout_s + 30)
             for url in self.base_urls
         ]
+        buckets = iter_packed_buckets(manifest, tensors, bucket_bytes, group.device, self._slots)
+        bad = None
+        try:  # the first bucket is gathered (ZeRO-3) and packed while the servers handshake: the two overlap
+            first = list(itertools.islice(buckets, 1))
+        except Exception as e:  # e.g. a tensor that does not match the manifest: abort before any byte moves
+            first, bad = [], e
         errors = self._handshake(group, sync_id, futures, t0 + timeout_s)
-        if errors:
+        if errors or bad is not None:
             group.store.set(go_key(sync_id), "0")
-            raise WeightSyncRejected(errors[0][1].status, "; ".join(f"{u}: {e.message}" for u, e in errors))
+            self._answers = (
+                futures  # the accepting servers answer 409 (aborted); the next push waits for that
+            )
+            if errors:
+                status = errors[0][1].status
+                raise WeightSyncRejected(status, "; ".join(f"{u}: {e.message}" for u, e in errors))
+            raise WeightSyncError(f"push v{version} aborted before any byte moved: {bad}") from bad
         group.store.set(go_key(sync_id), "1")
         t1 = time.monotonic()
         try:
@@ -307,9 +329,7 @@ class WeightSyncClient:
 
             in_flight = None
             copied = 0
-            for buf, borrowed in iter_packed_buckets(
-                manifest, tensors, bucket_bytes, group.device, self._slots
-            ):
+            for buf, borrowed in itertools.chain(first, buckets):
                 copied += 0 if borrowed else buf.numel()
                 handle = group.broadcast_async(buf)
                 if in_flight is not None:
@@ -320,14 +340,13 @@ class WeightSyncClient:
                     in_flight = None
             if in_flight is not None:
                 wait(in_flight)
-            results = [
-                P.UpdateWeightsResponse.model_validate(f.result(timeout=timeout_s + 30)) for f in futures
-            ]
+            results = self._await_done(group, sync_id, futures, t0 + timeout_s)
         except Exception as e:
             self.close_group()
             late = [str(f.exception()) for f in futures if f.done() and f.exception() is not None]
             raise WeightSyncError(f"push v{version} failed: {e}; servers: {late or 'no answer yet'}") from e
         t2 = time.monotonic()
+        self._answers = futures
         return SyncStats(
             version=version,
             bytes=manifest.total_bytes,
@@ -338,39 +357,75 @@ class WeightSyncClient:
             send_s=t2 - t1,
             copied_bytes=copied,
             servers=results,
+            sync_id=sync_id,
         )
+
+    def _first_signs(
+        self, group: TransferGroup, keys: list[str], futures: list[Future], deadline: float
+    ) -> list[tuple[bytes | None, Future | None]]:
+        """Per server, whichever comes first: (the value of its store key ``keys[i]``, None) or (None, its
+        finished HTTP future); (None, None) for a server with neither by the deadline."""
+        signs: dict[int, tuple[bytes | None, Future | None]] = {}
+        nap = 1e-4
+        while len(signs) < len(keys):
+            for i, key in enumerate(keys):
+                if i in signs:
+                    continue
+                if group.store.check([key]):
+                    signs[i] = (group.store.get(key), None)
+                elif futures[i].done():
+                    signs[i] = (None, futures[i])
+            if len(signs) < len(keys):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(nap)
+                nap = min(nap * 2, 1e-3)  # a local server answers within ~1 ms: do not oversleep that
+        return [signs.get(i, (None, None)) for i in range(len(keys))]
+
+    def _answer_error(self, i: int, answer: Future, if_none: str) -> RolloutServerError:
+        """The error a finished HTTP answer carries, as a RolloutServerError (``if_none`` if it succeeded)."""
+        exc = answer.exception()
+        if isinstance(exc, RolloutServerError):
+            return exc
+        return RolloutServerError(500 if exc is None else 503, str(exc or if_none), self.base_urls[i])
 
     def _handshake(
         self, group: TransferGroup, sync_id: str, futures: list[Future], deadline: float
     ) -> list[tuple[str, RolloutServerError]]:
         """Wait until every server said ok (store key) or answered with an error. Returns the errors."""
-        pending = set(range(len(futures)))
-        errors: list[tuple[str, RolloutServerError]] = []
-        nap = 1e-4
-        while pending:
-            for i in sorted(pending):
-                if group.store.check([status_key(sync_id, self._ranks[i])]):
-                    pending.discard(i)
-                elif futures[i].done():
-                    pending.discard(i)
-                    exc = futures[i].exception()
-                    if exc is None:  # cannot happen: a server answers 200 only after the transfer
-                        exc = RolloutServerError(500, "answered before the handshake", self.base_urls[i])
-                    if not isinstance(exc, RolloutServerError):
-                        exc = RolloutServerError(503, str(exc), self.base_urls[i])
-                    errors.append((self.base_urls[i], exc))
-            if pending and time.monotonic() > deadline:
-                for i in pending:
-                    errors.append(
-                        (self.base_urls[i], RolloutServerError(504, "no handshake before the deadline"))
-                    )
-                break
-            if pending:
-                time.sleep(nap)
-                nap = min(nap * 2, 2e-3)  # a local server answers within ~1 ms: do not oversleep that
+        keys = [status_key(sync_id, rank) for rank in self._ranks]
+        errors = []
+        for i, (ok, answer) in enumerate(self._first_signs(group, keys, futures, deadline)):
+            if answer is not None:  # an error; a 200 before the handshake cannot happen
+                errors.append(
+                    (self.base_urls[i], self._answer_error(i, answer, "answered before the handshake"))
+                )
+            elif ok is None:
+                errors.append(
+                    (self.base_urls[i], RolloutServerError(504, "no handshake before the deadline"))
+                )
         return errors
 
+    def _await_done(
+        self, group: TransferGroup, sync_id: str, futures: list[Future], deadline: float
+    ) -> list[P.UpdateWeightsResponse]:
+        """Every server's UpdateWeightsResponse once it serves the new weights: from its "done" store key or
+        its HTTP answer, whichever comes first (weight_transfer.py, step 4). Raises a server's error."""
+        keys = [done_key(sync_id, rank) for rank in self._ranks]
+        results = []
+        for i, (done, answer) in enumerate(self._first_signs(group, keys, futures, deadline)):
+            if done is not None:
+                results.append(P.UpdateWeightsResponse.model_validate_json(done))
+            elif answer is not None and answer.exception() is None:
+                results.append(P.UpdateWeightsResponse.model_validate(answer.result()))
+            elif answer is not None:
+                raise self._answer_error(i, answer, "")
+            else:
+                raise RolloutServerError(504, "no answer before the deadline", self.base_urls[i])
+        return results
+
     def close_group(self) -> None:
+        self._answers = []
         if self._group is not None:
             self._group.close()
             self._group = None

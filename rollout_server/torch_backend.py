@@ -34,6 +34,7 @@ from rollout_server.weight_transfer import (
     join_group,
     open_store,
     server_receive,
+    server_report_done,
     server_wait_go,
     take_spare,
 )
@@ -229,7 +230,7 @@ class TorchBackend(Backend):
                 torch.cuda.synchronize(self.device)
             self.weight_version = req.version
         t3 = time.monotonic()
-        return UpdateWeightsResponse(
+        res = UpdateWeightsResponse(
             version=req.version,
             num_tensors=len(req.manifest.tensors),
             num_buckets=len(buckets),
@@ -238,6 +239,8 @@ class TorchBackend(Backend):
             receive_s=t2 - t1,
             swap_s=t3 - t2,
         )
+        server_report_done(group.store, req.sync_id, group.rank, res.model_dump_json())
+        return res
 
     # Buffer recycling: after a pointer swap the parameters live in received buckets; the buckets they lived in
     # before are free once every parameter they backed has moved, and become the next update's receive buffers

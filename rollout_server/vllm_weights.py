@@ -130,7 +130,12 @@ class VLLMWeightReceiver:
             self._drop_transfer_group()
 
     def update(self, req: UpdateWeightsRequest) -> UpdateWeightsResponse:
-        from rollout_server.weight_transfer import TransferGroup, WeightTransferError, server_wait_go
+        from rollout_server.weight_transfer import (
+            TransferGroup,
+            WeightTransferError,
+            server_report_done,
+            server_wait_go,
+        )
 
         bucket_problems = []
         if self.info.required_bucket_bytes is not None and req.bucket_bytes != self.bucket_bytes:
@@ -154,7 +159,7 @@ class VLLMWeightReceiver:
                 self._drop_transfer_group()
                 raise WeightTransferError(f"receive failed: {type(e).__name__}: {e}") from e
             t2 = time.monotonic()
-            return UpdateWeightsResponse(
+            res = UpdateWeightsResponse(
                 version=req.version,
                 num_tensors=len(req.manifest.tensors),
                 num_buckets=len(plan_buckets(req.manifest, req.bucket_bytes)),
@@ -166,6 +171,8 @@ class VLLMWeightReceiver:
                 receive_s=(t2 - t1) if wire_s is None else wire_s,
                 swap_s=0.0 if wire_s is None else max(0.0, t2 - t1 - wire_s),
             )
+            server_report_done(self._store, req.sync_id, self._rank, res.model_dump_json())
+            return res
 
     def _drop_transfer_group(self) -> None:
         try:

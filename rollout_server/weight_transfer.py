@@ -13,11 +13,17 @@ Handshake of one update (no byte moves before everyone agreed):
   3. the trainer waits until every server either wrote `ok` or answered its HTTP request with an error.
      All ok -> it writes go=1 and broadcasts the buckets. Otherwise go=0: the accepting servers return 409
      and nobody has entered a collective, so the group stays usable.
+  4. each server loads what it received, then writes its `UpdateWeightsResponse` (JSON) under
+     `rollout_sync/<sync_id>/done/<rank>` and answers the HTTP request with the same body. The trainer takes
+     whichever comes first: the store key is read ~2 ms sooner than the HTTP answer on loopback (the
+     server's thread hop back to its event loop, the response, the client's parse), a fixed cost that was
+     a tenth of a 79 MB push. A server that only answers over HTTP still works.
 """
 
 from __future__ import annotations
 
 import datetime
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -51,6 +57,11 @@ def go_key(sync_id: str) -> str:
 def received_key(sync_id: str, rank: int) -> str:
     """Where a receiver that cannot raise to its caller (a vLLM worker) reports "ok" or its error."""
     return f"{SYNC_KEY_PREFIX}/{sync_id}/received/{rank}"
+
+
+def done_key(sync_id: str, rank: int) -> str:
+    """Where a server writes its UpdateWeightsResponse (JSON) once the new weights serve (step 4 above)."""
+    return f"{SYNC_KEY_PREFIX}/{sync_id}/done/{rank}"
 
 
 def _td(seconds: float) -> datetime.timedelta:
@@ -96,16 +107,17 @@ class TransferGroup:
         timeout_s = timeout_s or self.timeout_s
         try:
             if abort is not None:
+                # Woken by the collective's own completion (not a polling nap, which overslept the end of a
+                # 20 ms broadcast by 1 ms on average); `abort` is asked every 5 ms meanwhile.
+                finished = threading.Event()
+                work.get_future().add_done_callback(lambda _: finished.set())
                 deadline = time.monotonic() + timeout_s
-                nap = 1e-4
-                while not work.is_completed():
+                while not finished.wait(0.005):
                     reason = abort()
                     if reason:
                         raise WeightTransferError(f"peer gave up: {reason}")
                     if time.monotonic() > deadline:
                         raise WeightTransferError(f"timed out after {timeout_s:.0f}s")
-                    time.sleep(nap)
-                    nap = min(nap * 2, 2e-3)  # short waits stay short; long ones do not spin the CPU
             work.wait(_td(timeout_s))
         except Exception as e:  # gloo raises RuntimeError("Timed out ...") or connection errors
             raise WeightTransferError(f"broadcast of {buf.numel()} bytes failed: {e}") from e
@@ -175,6 +187,14 @@ def server_wait_go(group: TransferGroup, sync_id: str, timeout_s: float) -> bool
         raise WeightTransferError(
             f"handshake: no go/abort from the trainer within {timeout_s:.0f}s: {e}"
         ) from e
+
+
+def server_report_done(store: dist.Store, sync_id: str, rank: int, response_json: str) -> None:
+    """Step 4: tell the trainer through its store that this server serves the update (the fast path)."""
+    try:
+        store.set(done_key(sync_id, rank), response_json)
+    except Exception as e:
+        raise WeightTransferError(f"could not report the finished update to the trainer's store: {e}") from e
 
 
 def take_spare(spares: list[torch.Tensor], nbytes: int, device: torch.device) -> torch.Tensor:

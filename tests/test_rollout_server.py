@@ -26,8 +26,9 @@ from rollout_server.client import (
     WeightSyncError,
     WeightSyncRejected,
 )
-from rollout_server.protocol import GenerateRequest, WeightManifest
+from rollout_server.protocol import GenerateRequest, UpdateWeightsResponse, WeightManifest
 from rollout_server.spawn import free_port
+from rollout_server.weight_transfer import done_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -432,6 +433,11 @@ def test_weight_update_round_trip(client, sync, hf):
     expected = [greedy_ref(trainer, p, 12) for p in prompts]
     assert [a == e[: len(a)] for a, e in zip(after, expected, strict=True)] == [True] * 3
     assert after != before
+    # The server said "done" twice, through the trainer's store (read first) and in its HTTP answer: the same.
+    done = sync._group.store.get(done_key(stats.sync_id, 1))
+    answer = sync._answers[0].result(timeout=30)
+    assert UpdateWeightsResponse.model_validate_json(done) == UpdateWeightsResponse.model_validate(answer)
+    assert stats.servers[0] == UpdateWeightsResponse.model_validate(answer)
 
 
 def test_bad_manifest_refused_and_old_weights_serve(client, sync, hf):
@@ -454,6 +460,21 @@ def test_bad_manifest_refused_and_old_weights_serve(client, sync, hf):
         sync.push(WeightManifest.from_named_tensors(good), iter(good), version=version + 1).version
         == version + 1
     )
+
+
+def test_push_failing_in_its_first_bucket_aborts_before_any_byte_moved(client, sync, hf):
+    """The first bucket is packed during the handshake: a tensor that does not match the manifest there
+    aborts every server (go = 0), so the old weights serve and the group stays usable without a re-init."""
+    model, tok = hf
+    prompts = [tok(PROMPTS[0], add_special_tokens=False)["input_ids"]]
+    before, version = greedy_server(client, prompts)
+    named = list(perturbed(model, seed=6).named_parameters())
+    wrong = [(n, t.double() if i == 1 else t) for i, (n, t) in enumerate(named)]
+    with pytest.raises(WeightSyncError, match="aborted before any byte moved.*manifest says"):
+        sync.push(WeightManifest.from_named_tensors(named), iter(wrong), version=98)
+    assert greedy_server(client, prompts) == (before, version)
+    pushed = sync.push(WeightManifest.from_named_tensors(named), iter(named), version=version + 1)
+    assert pushed.version == version + 1 and client.health().weight_version == version + 1
 
 
 @pytest.mark.faults
