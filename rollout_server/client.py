@@ -153,7 +153,7 @@ class SyncStats:
     num_tensors: int
     num_buckets: int
     seconds: float = 0.0  # whole push, as seen by the trainer
-    handshake_s: float = 0.0  # requests sent -> every server said ok
+    handshake_s: float = 0.0  # requests sent -> every server said ok (the first bucket is packed meanwhile)
     send_s: float = 0.0  # packing + broadcasting every bucket
     copied_bytes: int = (
         0  # bytes packed into bucket buffers; 0 when every bucket was sent from the tensors' memory

@@ -298,7 +298,7 @@ def bench_sync(args) -> list[tuple[str, str, str, str]]:
                     (
                         f"push `{name}`, bucket {bucket / (1 << 20):g} MiB ({best.num_buckets} buckets, "
                         f"{best.num_tensors} tensors, {best.copied_bytes / 1e6:.1f} MB copied)",
-                        f"{best.seconds * 1e3:.0f} ms, median {med(push_t) * 1e3:.0f} (best: handshake "
+                        f"{best.seconds * 1e3:.0f} ms, median {med(push_t) * 1e3:.0f} (best: handshake + first pack "
                         f"{best.handshake_s * 1e3:.0f}, send {best.send_s * 1e3:.0f}; server: receive "
                         f"{server_side.receive_s * 1e3:.0f}, swap {server_side.swap_s * 1e3:.1f})",
                         f"{min(push_t) / min(raw_t):.2f}x / {med(push_t) / med(raw_t):.2f}x",

@@ -185,7 +185,10 @@ def bench_sync_into_vllm(args, model_dir: Path) -> list[str]:
                 f"push into vLLM from {layout} ({len(named)} tensors, {args.bucket_mib} MiB buckets)",
                 t["push"],
             ),
-            row("- of which the handshake (HTTP + store)", t["handshake"]),
+            row(
+                "- of which the handshake (HTTP + store; the first bucket is packed meanwhile)",
+                t["handshake"],
+            ),
             row("- of which the buckets on the wire (server side)", t["wire"]),
             row("- of which loading into vLLM (pause, layer-wise reload, resume)", t["load"]),
             row("push start -> first token on the new weights", t["first token"], ratio=False),
