@@ -273,10 +273,14 @@ class WeightSyncClient:
         version: int,
         bucket_bytes: int | None = None,
         timeout_s: float | None = None,
+        tensors_stay: bool = False,
     ) -> SyncStats:
         """One sync: announce `manifest` to every server, then broadcast the buckets of `tensors`.
 
-        `bucket_bytes` defaults to what the servers require (vLLM) or 64 MiB.
+        `bucket_bytes` defaults to what the servers require (vLLM) or 64 MiB. `tensors_stay`: the tensors'
+        memory stays valid and unchanged until the push returns (a model's own parameters), so a bucket
+        sent straight from it may still be on the wire while the next one starts. Leave it False for
+        tensors that the iterator frees or reuses as it advances (ZeRO-3's gathered parameters).
         """
         bucket_bytes = bucket_bytes or self.default_bucket_bytes
         group = self._group
@@ -335,7 +339,7 @@ class WeightSyncClient:
                 if in_flight is not None:
                     wait(in_flight)
                 in_flight = handle
-                if borrowed:  # a view of the trainer's tensor: done before the iterator may free it
+                if borrowed and not tensors_stay:  # done before the iterator may free the tensor it views
                     wait(in_flight)
                     in_flight = None
             if in_flight is not None:

@@ -221,13 +221,28 @@ def server_receive(
     """
     alloc = alloc or (lambda nbytes: torch.empty(nbytes, dtype=torch.uint8, device=group.device))
     total = 0
+    # The receive of bucket i+1 is posted before bucket i is waited for and handed on, so the trainer's next
+    # broadcast never waits for this side's per-bucket work (allocation, unpacking, the caller's callback).
+    posted = []  # broadcast handles, in bucket order
+
+    def post(i: int) -> None:
+        try:
+            posted.append(group.broadcast_async(alloc(buckets[i].nbytes)))  # into a [nbytes] uint8 buffer
+        except WeightTransferError as e:
+            raise WeightTransferError(f"bucket {i + 1}/{len(buckets)} not received: {e}") from e
+
+    if buckets:
+        post(0)
     for i, b in enumerate(buckets):
+        if i + 1 < len(buckets):
+            post(i + 1)
+        handle = posted.pop(0)
+        buf = handle[1]
         left = deadline - time.monotonic()
         if left <= 0:
             raise WeightTransferError(f"receive deadline passed after {i}/{len(buckets)} buckets")
-        buf = alloc(b.nbytes)  # [nbytes] uint8
         try:
-            group.broadcast(buf, timeout_s=left)
+            group.wait(handle, timeout_s=left)
         except WeightTransferError as e:
             raise WeightTransferError(f"bucket {i + 1}/{len(buckets)} not received: {e}") from e
         on_bucket(unpack_bucket(b, buf, manifest))

@@ -272,7 +272,13 @@ def bench_sync(args) -> list[tuple[str, str, str, str]]:
                 for name, tensors in layouts.items():
                     version += 1
                     runs[name].append(
-                        sync.push(manifest, tensors(bucket), version=version, bucket_bytes=bucket)
+                        sync.push(
+                            manifest,
+                            tensors(bucket),
+                            version=version,
+                            bucket_bytes=bucket,
+                            tensors_stay=name != "zero3",  # as the trainer passes it
+                        )
                     )
             rows.append(
                 (

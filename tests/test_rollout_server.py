@@ -426,8 +426,16 @@ def test_weight_update_round_trip(client, sync, hf):
     trainer = perturbed(model, seed=1)
     named = list(trainer.named_parameters())  # tied lm_head is not listed: the server ties it again
     before, _ = greedy_server(client, prompts)
-    stats = sync.push(WeightManifest.from_named_tensors(named), iter(named), version=7, bucket_bytes=64 << 10)
-    assert stats.num_buckets > 1 and stats.servers[0].version == 7
+    # Many small buckets, several on the wire at once (the parameters stay put: tensors_stay) and received
+    # one ahead on the server: every byte must still land in its place.
+    stats = sync.push(
+        WeightManifest.from_named_tensors(named),
+        iter(named),
+        version=7,
+        bucket_bytes=16 << 10,
+        tensors_stay=True,
+    )
+    assert stats.num_buckets > 10 and stats.copied_bytes < stats.bytes and stats.servers[0].version == 7
     after, version = greedy_server(client, prompts)
     assert version == 7 and client.health().weight_version == 7
     expected = [greedy_ref(trainer, p, 12) for p in prompts]

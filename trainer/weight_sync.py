@@ -230,6 +230,9 @@ class WeightSync:
                     version=version,
                     bucket_bytes=self.bucket_bytes,
                     timeout_s=self.timeout_s,
+                    # ZeRO-1/2: the parameters themselves, untouched until the push returns. ZeRO-3's gathered
+                    # tensors are freed as the iterator advances.
+                    tensors_stay=not self.zero3,
                 )
                 result = {
                     "sync/seconds": time.perf_counter() - t0,
