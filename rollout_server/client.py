@@ -47,11 +47,13 @@ from rollout_server.weight_transfer import (
     TransferGroup,
     WeightTransferError,
     done_key,
+    first_signs,
     go_key,
     iter_packed_buckets,
     join_group,
     join_pynccl_trainer,
     open_store,
+    send_buckets,
     status_key,
 )
 
@@ -311,9 +313,8 @@ class WeightSyncClient:
         errors = self._handshake(group, sync_id, futures, t0 + timeout_s)
         if errors or bad is not None:
             group.store.set(go_key(sync_id), "0")
-            self._answers = (
-                futures  # the accepting servers answer 409 (aborted); the next push waits for that
-            )
+            # The accepting servers answer 409 (aborted); the next push waits for that.
+            self._answers = futures
             if errors:
                 status = errors[0][1].status
                 raise WeightSyncRejected(status, "; ".join(f"{u}: {e.message}" for u, e in errors))
@@ -321,29 +322,16 @@ class WeightSyncClient:
         group.store.set(go_key(sync_id), "1")
         t1 = time.monotonic()
         try:
-            # Pipelined: bucket k is on the wire while bucket k+1 is gathered and packed.
+
             def server_failed() -> str | None:  # a server that answered with an error has left the collective
                 for url, f in zip(self.base_urls, futures, strict=True):
                     if f.done() and f.exception() is not None:
                         return f"{url}: {f.exception()}"
                 return None
 
-            def wait(handle) -> None:
-                group.wait(handle, max(1.0, t0 + timeout_s - time.monotonic()), abort=server_failed)
-
-            in_flight = None
-            copied = 0
-            for buf, borrowed in itertools.chain(first, buckets):
-                copied += 0 if borrowed else buf.numel()
-                handle = group.broadcast_async(buf)
-                if in_flight is not None:
-                    wait(in_flight)
-                in_flight = handle
-                if borrowed and not tensors_stay:  # done before the iterator may free the tensor it views
-                    wait(in_flight)
-                    in_flight = None
-            if in_flight is not None:
-                wait(in_flight)
+            copied = send_buckets(
+                group, itertools.chain(first, buckets), tensors_stay, t0 + timeout_s, abort=server_failed
+            )
             results = self._await_done(group, sync_id, futures, t0 + timeout_s)
         except Exception as e:
             self.close_group()
@@ -364,28 +352,6 @@ class WeightSyncClient:
             sync_id=sync_id,
         )
 
-    def _first_signs(
-        self, group: TransferGroup, keys: list[str], futures: list[Future], deadline: float
-    ) -> list[tuple[bytes | None, Future | None]]:
-        """Per server, whichever comes first: (the value of its store key ``keys[i]``, None) or (None, its
-        finished HTTP future); (None, None) for a server with neither by the deadline."""
-        signs: dict[int, tuple[bytes | None, Future | None]] = {}
-        nap = 1e-4
-        while len(signs) < len(keys):
-            for i, key in enumerate(keys):
-                if i in signs:
-                    continue
-                if group.store.check([key]):
-                    signs[i] = (group.store.get(key), None)
-                elif futures[i].done():
-                    signs[i] = (None, futures[i])
-            if len(signs) < len(keys):
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(nap)
-                nap = min(nap * 2, 1e-3)  # a local server answers within ~1 ms: do not oversleep that
-        return [signs.get(i, (None, None)) for i in range(len(keys))]
-
     def _answer_error(self, i: int, answer: Future, if_none: str) -> RolloutServerError:
         """The error a finished HTTP answer carries, as a RolloutServerError (``if_none`` if it succeeded)."""
         exc = answer.exception()
@@ -399,7 +365,7 @@ class WeightSyncClient:
         """Wait until every server said ok (store key) or answered with an error. Returns the errors."""
         keys = [status_key(sync_id, rank) for rank in self._ranks]
         errors = []
-        for i, (ok, answer) in enumerate(self._first_signs(group, keys, futures, deadline)):
+        for i, (ok, answer) in enumerate(first_signs(group.store, keys, futures, deadline)):
             if answer is not None:  # an error; a 200 before the handshake cannot happen
                 errors.append(
                     (self.base_urls[i], self._answer_error(i, answer, "answered before the handshake"))
@@ -417,7 +383,7 @@ class WeightSyncClient:
         its HTTP answer, whichever comes first (weight_transfer.py, step 4). Raises a server's error."""
         keys = [done_key(sync_id, rank) for rank in self._ranks]
         results = []
-        for i, (done, answer) in enumerate(self._first_signs(group, keys, futures, deadline)):
+        for i, (done, answer) in enumerate(first_signs(group.store, keys, futures, deadline)):
             if done is not None:
                 results.append(P.UpdateWeightsResponse.model_validate_json(done))
             elif answer is not None and answer.exception() is None:

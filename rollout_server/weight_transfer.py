@@ -316,6 +316,62 @@ def iter_packed_buckets(
         raise WeightTransferError("more tensors than the manifest declares")
 
 
+def send_buckets(
+    group: TransferGroup,
+    buckets: Iterable[tuple[torch.Tensor, bool]],
+    tensors_stay: bool,
+    deadline: float,
+    abort: Callable[[], str | None],
+) -> int:
+    """Broadcast every (buffer, borrowed) of ``iter_packed_buckets``; returns the bytes that were packed.
+
+    Pipelined: bucket k is on the wire while bucket k+1 is gathered and packed (at most two in flight, which
+    the packer's two slots allow). A borrowed bucket views the caller's own tensors: unless they stay put
+    until the push ends (``tensors_stay``), it must be sent before the iterator moves on and may free them.
+    """
+
+    def wait(handle) -> None:
+        group.wait(handle, max(1.0, deadline - time.monotonic()), abort=abort)
+
+    in_flight = None
+    copied = 0
+    for buf, borrowed in buckets:
+        copied += 0 if borrowed else buf.numel()
+        handle = group.broadcast_async(buf)
+        if in_flight is not None:
+            wait(in_flight)
+        in_flight = handle
+        if borrowed and not tensors_stay:
+            wait(in_flight)
+            in_flight = None
+    if in_flight is not None:
+        wait(in_flight)
+    return copied
+
+
+def first_signs(
+    store: dist.Store, keys: list[str], answers: list, deadline: float
+) -> list[tuple[bytes | None, object | None]]:
+    """Per server i, whichever comes first: (the value of store key ``keys[i]``, None) or (None, its finished
+    HTTP answer, a ``concurrent.futures.Future``); (None, None) for one with neither by the deadline."""
+    signs: dict[int, tuple[bytes | None, object | None]] = {}
+    nap = 1e-4
+    while len(signs) < len(keys):
+        for i, key in enumerate(keys):
+            if i in signs:
+                continue
+            if store.check([key]):
+                signs[i] = (store.get(key), None)
+            elif answers[i].done():
+                signs[i] = (None, answers[i])
+        if len(signs) < len(keys):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(nap)
+            nap = min(nap * 2, 1e-3)  # a local server answers within ~1 ms: do not oversleep that
+    return [signs.get(i, (None, None)) for i in range(len(keys))]
+
+
 class _PyncclTrainerGroup(TransferGroup):
     """Trainer end of a vLLM server's NCCL group: vLLM's StatelessProcessGroup + PyNcclCommunicator.
 
