@@ -48,6 +48,7 @@ from rollout_server.weight_transfer import (
     WeightTransferError,
     done_key,
     first_signs,
+    forget_sync,
     go_key,
     iter_packed_buckets,
     join_group,
@@ -89,6 +90,14 @@ def _message(r: httpx.Response) -> str:
         return str(r.json().get("error") or r.json())
     except Exception:
         return r.text[:500]
+
+
+def _answer_error(url: str, answer: Future, if_none: str) -> RolloutServerError:
+    """The error a finished HTTP answer carries, as a RolloutServerError (``if_none`` if it succeeded)."""
+    exc = answer.exception()
+    if isinstance(exc, RolloutServerError):
+        return exc
+    return RolloutServerError(500 if exc is None else 503, str(exc or if_none), url)
 
 
 class RolloutClient:
@@ -183,10 +192,11 @@ class WeightSyncClient:
         self._ranks: list[int] = []
         self.default_bucket_bytes = DEFAULT_BUCKET_BYTES  # or what the servers require (see /health)
         self._slots: list[torch.Tensor] = []  # two reusable pack buffers (warm pages, no realloc per sync)
-        # The last successful push's HTTP answers: its servers reported "done" through the store first, so
-        # the answers may still be in flight; the next push waits for them (each server's update lock is
-        # free once it answered).
+        # The last push's HTTP answers (the store said "done" first; the next push waits for them: a server's
+        # update lock is free once it answered) and its sync id, whose keys the next push deletes.
         self._answers: list[Future] = []
+        self._last_sync_id: str | None = None
+        self._world = 1  # the group's size: the trainer and every server rank
         self.timeout_s = 60.0
 
     def _post(self, url: str, route: str, body: dict, timeout_s: float) -> dict:
@@ -227,6 +237,7 @@ class WeightSyncClient:
         for h in healths:
             self._ranks.append(world)
             world += h.weight_transfer_ranks
+        self._world = world
         wire = wires.pop()
         required = {h.weight_transfer_bucket_bytes for h in healths} - {None}
         if len(required) > 1:
@@ -289,8 +300,7 @@ class WeightSyncClient:
         if group is None:
             raise WeightSyncError("push: call init_transfer first (or again, after a failed push)")
         timeout_s = timeout_s or max(self.timeout_s, 60.0)
-        concurrent.futures.wait(self._answers, timeout=timeout_s)  # ms: see __init__
-        self._answers = []
+        self._settle_previous(group, timeout_s)
         t0 = time.monotonic()
         sync_id = f"v{version}-{uuid.uuid4().hex[:12]}"
         body = P.UpdateWeightsRequest(
@@ -314,7 +324,7 @@ class WeightSyncClient:
         if errors or bad is not None:
             group.store.set(go_key(sync_id), "0")
             # The accepting servers answer 409 (aborted); the next push waits for that.
-            self._answers = futures
+            self._answers, self._last_sync_id = futures, sync_id
             if errors:
                 status = errors[0][1].status
                 raise WeightSyncRejected(status, "; ".join(f"{u}: {e.message}" for u, e in errors))
@@ -332,13 +342,14 @@ class WeightSyncClient:
             copied = send_buckets(
                 group, itertools.chain(first, buckets), tensors_stay, t0 + timeout_s, abort=server_failed
             )
-            results = self._await_done(group, sync_id, futures, t0 + timeout_s)
+            # As long as the HTTP answers were given before: a slow load (vLLM) is not cut short.
+            results = self._await_done(group, sync_id, futures, time.monotonic() + timeout_s + 30)
         except Exception as e:
             self.close_group()
             late = [str(f.exception()) for f in futures if f.done() and f.exception() is not None]
             raise WeightSyncError(f"push v{version} failed: {e}; servers: {late or 'no answer yet'}") from e
         t2 = time.monotonic()
-        self._answers = futures
+        self._answers, self._last_sync_id = futures, sync_id
         return SyncStats(
             version=version,
             bytes=manifest.total_bytes,
@@ -352,28 +363,17 @@ class WeightSyncClient:
             sync_id=sync_id,
         )
 
-    def _answer_error(self, i: int, answer: Future, if_none: str) -> RolloutServerError:
-        """The error a finished HTTP answer carries, as a RolloutServerError (``if_none`` if it succeeded)."""
-        exc = answer.exception()
-        if isinstance(exc, RolloutServerError):
-            return exc
-        return RolloutServerError(500 if exc is None else 503, str(exc or if_none), self.base_urls[i])
-
     def _handshake(
         self, group: TransferGroup, sync_id: str, futures: list[Future], deadline: float
     ) -> list[tuple[str, RolloutServerError]]:
         """Wait until every server said ok (store key) or answered with an error. Returns the errors."""
-        keys = [status_key(sync_id, rank) for rank in self._ranks]
+        signs = first_signs(group.store, [status_key(sync_id, r) for r in self._ranks], futures, deadline)
         errors = []
-        for i, (ok, answer) in enumerate(first_signs(group.store, keys, futures, deadline)):
+        for url, (ok, answer) in zip(self.base_urls, signs, strict=True):
             if answer is not None:  # an error; a 200 before the handshake cannot happen
-                errors.append(
-                    (self.base_urls[i], self._answer_error(i, answer, "answered before the handshake"))
-                )
+                errors.append((url, _answer_error(url, answer, "answered before the handshake")))
             elif ok is None:
-                errors.append(
-                    (self.base_urls[i], RolloutServerError(504, "no handshake before the deadline"))
-                )
+                errors.append((url, RolloutServerError(504, "no handshake before the deadline")))
         return errors
 
     def _await_done(
@@ -381,21 +381,33 @@ class WeightSyncClient:
     ) -> list[P.UpdateWeightsResponse]:
         """Every server's UpdateWeightsResponse once it serves the new weights: from its "done" store key or
         its HTTP answer, whichever comes first (weight_transfer.py, step 4). Raises a server's error."""
-        keys = [done_key(sync_id, rank) for rank in self._ranks]
+        signs = first_signs(group.store, [done_key(sync_id, r) for r in self._ranks], futures, deadline)
         results = []
-        for i, (done, answer) in enumerate(first_signs(group.store, keys, futures, deadline)):
+        for url, (done, answer) in zip(self.base_urls, signs, strict=True):
             if done is not None:
                 results.append(P.UpdateWeightsResponse.model_validate_json(done))
             elif answer is not None and answer.exception() is None:
                 results.append(P.UpdateWeightsResponse.model_validate(answer.result()))
             elif answer is not None:
-                raise self._answer_error(i, answer, "")
+                raise _answer_error(url, answer, "")
             else:
-                raise RolloutServerError(504, "no answer before the deadline", self.base_urls[i])
+                raise RolloutServerError(504, "no answer before the deadline", url)
         return results
 
+    def _settle_previous(self, group: TransferGroup, timeout_s: float) -> None:
+        """Wait for the previous push's HTTP answers (each server's update lock is free once it answered;
+        they come ~ms after the store said "done"), then delete its keys: the store would grow every step."""
+        _, late = concurrent.futures.wait(self._answers, timeout=timeout_s)
+        if late:
+            raise WeightSyncError(
+                f"{len(late)} server(s) never answered the previous update within {timeout_s:.0f}s"
+            )
+        if self._last_sync_id is not None:
+            forget_sync(group.store, self._last_sync_id, self._world)
+        self._answers, self._last_sync_id = [], None
+
     def close_group(self) -> None:
-        self._answers = []
+        self._answers, self._last_sync_id = [], None
         if self._group is not None:
             self._group.close()
             self._group = None

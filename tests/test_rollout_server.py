@@ -446,6 +446,10 @@ def test_weight_update_round_trip(client, sync, hf):
     answer = sync._answers[0].result(timeout=30)
     assert UpdateWeightsResponse.model_validate_json(done) == UpdateWeightsResponse.model_validate(answer)
     assert stats.servers[0] == UpdateWeightsResponse.model_validate(answer)
+    # The next push deletes this one's keys from the store (it would grow every step otherwise).
+    again = sync.push(WeightManifest.from_named_tensors(named), iter(named), version=8)
+    assert not sync._group.store.check([done_key(stats.sync_id, 1)])
+    assert sync._group.store.check([done_key(again.sync_id, 1)])
 
 
 def test_bad_manifest_refused_and_old_weights_serve(client, sync, hf):
@@ -479,7 +483,8 @@ def test_push_failing_in_its_first_bucket_aborts_before_any_byte_moved(client, s
     named = list(perturbed(model, seed=6).named_parameters())
     wrong = [(n, t.double() if i == 1 else t) for i, (n, t) in enumerate(named)]
     with pytest.raises(WeightSyncError, match="aborted before any byte moved.*manifest says"):
-        sync.push(WeightManifest.from_named_tensors(named), iter(wrong), version=98)
+        # one bucket holds the whole tiny model, tensor #1 included
+        sync.push(WeightManifest.from_named_tensors(named), iter(wrong), version=98, bucket_bytes=64 << 20)
     assert greedy_server(client, prompts) == (before, version)
     pushed = sync.push(WeightManifest.from_named_tensors(named), iter(named), version=version + 1)
     assert pushed.version == version + 1 and client.health().weight_version == version + 1
