@@ -379,7 +379,7 @@ def first_signs(
     """Per server i, whichever comes first: (the value of store key ``keys[i]``, None) or (None, its finished
     HTTP answer, a ``concurrent.futures.Future``); (None, None) for one with neither by the deadline."""
     signs: dict[int, tuple[bytes | None, object | None]] = {}
-    nap = 1e-4
+    start, nap = time.monotonic(), 1e-4
     while len(signs) < len(keys):
         for i, key in enumerate(keys):
             if i in signs:
@@ -392,9 +392,9 @@ def first_signs(
             if time.monotonic() > deadline:
                 break
             time.sleep(nap)
-            # A local server's "ok" comes within ~3 ms: short waits stay short. A vLLM reload takes ~0.5 s:
-            # do not ask the store a thousand times meanwhile.
-            nap = min(nap * 2, 5e-3)
+            # Short waits stay short (a local server's "ok" comes within ~3 ms); a long one (a vLLM reload,
+            # ~0.5 s) does not ask the store a thousand times.
+            nap = min(nap * 2, 1e-3 if time.monotonic() - start < 0.05 else 5e-3)
     return [signs.get(i, (None, None)) for i in range(len(keys))]
 
 
