@@ -13,6 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rollout_server.protocol import (
     Completion,
@@ -23,6 +24,9 @@ from rollout_server.protocol import (
     UpdateWeightsResponse,
 )
 
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.distributed as dist
+
 
 class BadRequest(ValueError):
     """The request is wrong (4xx); the message names the field or tensor."""
@@ -32,25 +36,37 @@ class BadRequest(ValueError):
         self.status = status
 
 
+@dataclass
+class AcceptedUpdate:
+    """What ``accepted_update`` hands the receive: the handshake's seconds, and ``done`` to call with the
+    response once the new weights serve (it reports them through the trainer's store, step 4 of
+    weight_transfer's handshake, and returns the response for the HTTP answer)."""
+
+    handshake_s: float
+    done: Callable[[UpdateWeightsResponse], UpdateWeightsResponse]
+
+
 @contextlib.contextmanager
 def accepted_update(
     req: UpdateWeightsRequest,
     *,
-    connected: bool,
+    store: dist.Store | None,
+    rank: int,
     specs: Mapping[str, tuple[str, list[int]]],
     lock: threading.Lock,
-    wait_go: Callable[[], bool],
     problems: Sequence[str] = (),
-) -> Iterator[float]:
-    """What every backend does with ``POST /update_weights`` before a byte moves, in the contract's order:
+) -> Iterator[AcceptedUpdate]:
+    """What every backend does with ``POST /update_weights`` around its receive, in the contract's order:
 
-    409 without a transfer group; 422 for a manifest the served model cannot take (``problems`` adds a
-    backend's own, e.g. vLLM's fixed bucket size): the server never enters the collective, and the trainer
-    aborts the others; 409 while another update runs; then the handshake (``wait_go``: "ok" into the
-    trainer's store, wait for its decision), 409 when the trainer aborted. Yields the handshake's seconds and
-    holds the update lock until the block (the receive and swap) ends.
+    409 without a transfer group (``store`` None: the trainer's store, which this server's ``rank`` joined);
+    422 for a manifest the served model cannot take (``problems`` adds a backend's own, e.g. vLLM's fixed
+    bucket size): the server never enters the collective, and the trainer aborts the others; 409 while
+    another update runs; then the handshake ("ok" into the trainer's store, wait for its decision), 409 when
+    the trainer aborted. Holds the update lock until the block (the receive and swap) ends.
     """
-    if not connected:
+    from rollout_server.weight_transfer import server_report_done, server_wait_go
+
+    if store is None:
         raise BadRequest("no weight-transfer group: call /init_weight_transfer first", status=409)
     found = req.manifest.mismatches(specs) + list(problems)
     if found:
@@ -59,11 +75,16 @@ def accepted_update(
         raise BadRequest("another weight update is in progress", status=409)
     try:
         t0 = time.monotonic()
-        if not wait_go():
+        if not server_wait_go(store, rank, req.sync_id, req.timeout_s):
             raise BadRequest(
                 "update aborted by the trainer (another server refused the manifest)", status=409
             )
-        yield time.monotonic() - t0
+
+        def done(res: UpdateWeightsResponse) -> UpdateWeightsResponse:
+            server_report_done(store, req.sync_id, rank, res.model_dump_json())
+            return res
+
+        yield AcceptedUpdate(handshake_s=time.monotonic() - t0, done=done)
     finally:
         lock.release()
 

@@ -196,7 +196,6 @@ class WeightSyncClient:
         # update lock is free once it answered) and its sync id, whose keys the next push deletes.
         self._answers: list[Future] = []
         self._last_sync_id: str | None = None
-        self._world = 1  # the group's size: the trainer and every server rank
         self.timeout_s = 60.0
 
     def _post(self, url: str, route: str, body: dict, timeout_s: float) -> dict:
@@ -237,7 +236,6 @@ class WeightSyncClient:
         for h in healths:
             self._ranks.append(world)
             world += h.weight_transfer_ranks
-        self._world = world
         wire = wires.pop()
         required = {h.weight_transfer_bucket_bytes for h in healths} - {None}
         if len(required) > 1:
@@ -403,7 +401,7 @@ class WeightSyncClient:
                 f"{len(late)} server(s) never answered the previous update within {timeout_s:.0f}s"
             )
         if self._last_sync_id is not None:
-            forget_sync(group.store, self._last_sync_id, self._world)
+            forget_sync(group.store, self._last_sync_id, group.world_size)
         self._answers, self._last_sync_id = [], None
 
     def close_group(self) -> None:

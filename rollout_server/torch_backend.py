@@ -34,8 +34,6 @@ from rollout_server.weight_transfer import (
     join_group,
     open_store,
     server_receive,
-    server_report_done,
-    server_wait_go,
     take_spare,
 )
 
@@ -185,12 +183,12 @@ class TorchBackend(Backend):
         group = self._group
         with accepted_update(
             req,
-            connected=group is not None,
+            store=group.store if group is not None else None,
+            rank=group.rank if group is not None else 0,
             specs=self.specs,
             lock=self._update_lock,
-            wait_go=lambda: server_wait_go(group, req.sync_id, req.timeout_s),
-        ) as handshake_s:
-            return self._receive_and_swap(group, req, handshake_s)
+        ) as update:
+            return update.done(self._receive_and_swap(group, req, update.handshake_s))
 
     def _receive_and_swap(
         self, group: TransferGroup, req: UpdateWeightsRequest, handshake_s: float
@@ -230,7 +228,7 @@ class TorchBackend(Backend):
                 torch.cuda.synchronize(self.device)
             self.weight_version = req.version
         t3 = time.monotonic()
-        res = UpdateWeightsResponse(
+        return UpdateWeightsResponse(
             version=req.version,
             num_tensors=len(req.manifest.tensors),
             num_buckets=len(buckets),
@@ -239,8 +237,6 @@ class TorchBackend(Backend):
             receive_s=t2 - t1,
             swap_s=t3 - t2,
         )
-        server_report_done(group.store, req.sync_id, group.rank, res.model_dump_json())
-        return res
 
     # Buffer recycling: after a pointer swap the parameters live in received buckets; the buckets they lived in
     # before are free once every parameter they backed has moved, and become the next update's receive buffers

@@ -130,27 +130,21 @@ class VLLMWeightReceiver:
             self._drop_transfer_group()
 
     def update(self, req: UpdateWeightsRequest) -> UpdateWeightsResponse:
-        from rollout_server.weight_transfer import (
-            TransferGroup,
-            WeightTransferError,
-            server_report_done,
-            server_wait_go,
-        )
+        from rollout_server.weight_transfer import WeightTransferError
 
         bucket_problems = []
         if self.info.required_bucket_bytes is not None and req.bucket_bytes != self.bucket_bytes:
             bucket_problems.append(
                 f"bucket_bytes: {req.bucket_bytes} != {self.bucket_bytes} fixed by --weight-transfer-bucket-bytes"
             )
-        handle = TransferGroup(self._store, None, self._rank, 0, "nccl", req.timeout_s, None)
         with accepted_update(
             req,
-            connected=self._store is not None,
+            store=self._store,
+            rank=self._rank,
             specs=self.specs,
             lock=self._update_lock,
-            wait_go=lambda: server_wait_go(handle, req.sync_id, req.timeout_s),
             problems=bucket_problems,
-        ) as handshake_s:
+        ) as update:
             t1 = time.monotonic()
             try:
                 wire_s = self._run(self._receive(req), timeout=req.timeout_s + 60)
@@ -159,20 +153,20 @@ class VLLMWeightReceiver:
                 self._drop_transfer_group()
                 raise WeightTransferError(f"receive failed: {type(e).__name__}: {e}") from e
             t2 = time.monotonic()
-            res = UpdateWeightsResponse(
-                version=req.version,
-                num_tensors=len(req.manifest.tensors),
-                num_buckets=len(plan_buckets(req.manifest, req.bucket_bytes)),
-                bytes=req.manifest.total_bytes,
-                handshake_s=handshake_s,
-                # receive: the buckets on the wire; swap: pausing, loading into vLLM (its layer-wise reload,
-                # which on CPU also re-packs every GEMM weight), finalising and resuming. Without a wire time
-                # (NCCL engine) the whole update counts as receive.
-                receive_s=(t2 - t1) if wire_s is None else wire_s,
-                swap_s=0.0 if wire_s is None else max(0.0, t2 - t1 - wire_s),
+            return update.done(
+                UpdateWeightsResponse(
+                    version=req.version,
+                    num_tensors=len(req.manifest.tensors),
+                    num_buckets=len(plan_buckets(req.manifest, req.bucket_bytes)),
+                    bytes=req.manifest.total_bytes,
+                    handshake_s=update.handshake_s,
+                    # receive: the buckets on the wire; swap: pausing, loading into vLLM (its layer-wise reload,
+                    # which on CPU also re-packs every GEMM weight), finalising and resuming. Without a wire time
+                    # (NCCL engine) the whole update counts as receive.
+                    receive_s=(t2 - t1) if wire_s is None else wire_s,
+                    swap_s=0.0 if wire_s is None else max(0.0, t2 - t1 - wire_s),
+                )
             )
-            server_report_done(self._store, req.sync_id, self._rank, res.model_dump_json())
-            return res
 
     def _drop_transfer_group(self) -> None:
         try:

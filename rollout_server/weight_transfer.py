@@ -197,12 +197,12 @@ def join_group(
 
 
 # ---- server side -------------------------------------------------------------------------------------------
-def server_wait_go(group: TransferGroup, sync_id: str, timeout_s: float) -> bool:
+def server_wait_go(store: dist.Store, rank: int, sync_id: str, timeout_s: float) -> bool:
     """Announce 'ok' for this sync and wait for the trainer's go/abort decision."""
     try:
-        group.store.set(status_key(sync_id, group.rank), "ok")
-        group.store.wait([go_key(sync_id)], _td(timeout_s))
-        return group.store.get(go_key(sync_id)) == b"1"
+        store.set(status_key(sync_id, rank), "ok")
+        store.wait([go_key(sync_id)], _td(timeout_s))
+        return store.get(go_key(sync_id)) == b"1"
     except Exception as e:
         raise WeightTransferError(
             f"handshake: no go/abort from the trainer within {timeout_s:.0f}s: {e}"
