@@ -77,7 +77,9 @@ def accepted_update(
         t0 = time.monotonic()
         if not server_wait_go(store, rank, req.sync_id, req.timeout_s):
             raise BadRequest(
-                "update aborted by the trainer (another server refused the manifest)", status=409
+                "update aborted by the trainer (another server refused the manifest, the first bucket did not "
+                "match it, or the trainer announced this update and then pushed another)",
+                status=409,
             )
 
         def done(res: UpdateWeightsResponse) -> UpdateWeightsResponse:

@@ -23,7 +23,9 @@ Runnable example (start a server first: `python -m rollout_server --model <dir> 
 
 `push` sends ONE request per server per sync, then broadcasts the packed buckets (see protocol.plan_buckets)
 while consuming `tensors` lazily in manifest order, so a ZeRO-3 trainer can gather parameters bucket by
-bucket. A refused manifest raises `WeightSyncRejected` before any byte moved (the group stays usable); a
+bucket. `announce(manifest, version)` sends those requests ahead (the trainer calls it before its optimizer
+step): the servers check the manifest and wait for the go meanwhile, and the `push` of that version starts at
+the go. A refused manifest raises `WeightSyncRejected` before any byte moved (the group stays usable); a
 failure during the transfer raises `WeightSyncError` and the servers keep their old weights (call
 `init_transfer` again). This module imports only torch, httpx and pydantic.
 """
@@ -34,12 +36,13 @@ import concurrent.futures
 import itertools
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
 import torch
+import torch.distributed as dist
 
 from rollout_server import protocol as P
 from rollout_server.spawn import free_port
@@ -171,6 +174,86 @@ class SyncStats:
     )
     servers: list[P.UpdateWeightsResponse] = field(default_factory=list)
     sync_id: str = ""  # this push's handshake keys in the store: rollout_sync/<sync_id>/...
+    announced: bool = False  # its update requests went out ahead (`announce`): the push started at the go
+
+
+@dataclass
+class _Announced:
+    """One push's update requests, sent: its id, the servers' pending HTTP answers, and what it announced."""
+
+    version: int
+    manifest: P.WeightManifest
+    bucket_bytes: int
+    sync_id: str
+    answers: list[Future]
+    timeout_s: float  # how long each server waits for the go (from `at`)
+    at: float = field(default_factory=time.monotonic)
+
+    def serves(self, manifest: P.WeightManifest, version: int, bucket_bytes: int) -> bool:
+        """True for the push it announced, while the servers still have at least half their wait left."""
+        return (
+            (self.version, self.bucket_bytes) == (version, bucket_bytes)
+            and (self.manifest is manifest or self.manifest == manifest)
+            and time.monotonic() - self.at < self.timeout_s / 2
+        )
+
+
+class UpdateRequests:
+    """The weight-update requests, one per server per push: sent at the push or ahead of it (`announced`),
+    aborted when not pushed, and settled before the next are sent. Settling waits for their HTTP answers (a
+    server's update lock is free once it answered; they come ~ms after the store said "done") and deletes
+    their keys from the store, which would otherwise grow every step."""
+
+    def __init__(self, base_urls: list[str], submit: Callable[[str, str, dict, float], Future]):
+        self.base_urls = base_urls
+        self._submit = submit  # (url, route, body, timeout_s) -> the answer's future
+        self.announced: _Announced | None = None  # sent ahead (`WeightSyncClient.announce`), not yet pushed
+        self.outstanding: list[_Announced] = []  # pushed or aborted, answers maybe still to come
+
+    def send(
+        self, manifest: P.WeightManifest, version: int, bucket_bytes: int, timeout_s: float
+    ) -> _Announced:
+        sync_id = f"v{version}-{uuid.uuid4().hex[:12]}"
+        body = P.UpdateWeightsRequest(
+            version=version,
+            manifest=manifest,
+            bucket_bytes=bucket_bytes,
+            sync_id=sync_id,
+            timeout_s=timeout_s,
+        ).model_dump()
+        answers = [self._submit(url, P.ROUTE_UPDATE_WEIGHTS, body, timeout_s + 30) for url in self.base_urls]
+        return _Announced(version, manifest, bucket_bytes, sync_id, answers, timeout_s)
+
+    def take(
+        self, store: dist.Store, manifest: P.WeightManifest, version: int, bucket_bytes: int
+    ) -> _Announced | None:
+        """The announced requests of this push, if they still serve it; any other announcement is aborted."""
+        if self.announced is not None and self.announced.serves(manifest, version, bucket_bytes):
+            taken, self.announced = self.announced, None
+            return taken
+        self.abort(store)
+        return None
+
+    def abort(self, store: dist.Store) -> None:
+        """Call the announced push off: its servers, waiting for the go, answer 409."""
+        announced, self.announced = self.announced, None
+        if announced is not None:
+            try:
+                store.set(go_key(announced.sync_id), "0")
+            except Exception:  # the store is gone: the servers' wait for the go fails on its own
+                pass
+            self.outstanding.append(announced)
+
+    def settle(self, group: TransferGroup, timeout_s: float) -> None:
+        answers = [f for sent in self.outstanding for f in sent.answers]
+        _, late = concurrent.futures.wait(answers, timeout=timeout_s)
+        if late:
+            raise WeightSyncError(
+                f"{len(late)} server(s) never answered the previous update within {timeout_s:.0f}s"
+            )
+        for sent in self.outstanding:
+            forget_sync(group.store, sent.sync_id, group.world_size)
+        self.outstanding = []
 
 
 class WeightSyncClient:
@@ -192,10 +275,9 @@ class WeightSyncClient:
         self._ranks: list[int] = []
         self.default_bucket_bytes = DEFAULT_BUCKET_BYTES  # or what the servers require (see /health)
         self._slots: list[torch.Tensor] = []  # two reusable pack buffers (warm pages, no realloc per sync)
-        # The last push's HTTP answers (the store said "done" first; the next push waits for them: a server's
-        # update lock is free once it answered) and its sync id, whose keys the next push deletes.
-        self._answers: list[Future] = []
-        self._last_sync_id: str | None = None
+        self._requests = UpdateRequests(
+            self.base_urls, lambda url, route, body, t: self._pool.submit(self._post, url, route, body, t)
+        )
         self.timeout_s = 60.0
 
     def _post(self, url: str, route: str, body: dict, timeout_s: float) -> dict:
@@ -277,6 +359,25 @@ class WeightSyncClient:
             f.result(timeout=timeout_s + 30)
         self._group = group
 
+    def announce(
+        self,
+        manifest: P.WeightManifest,
+        version: int,
+        bucket_bytes: int | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Send the update requests of the push of `version` now, without waiting: every server checks the
+        manifest, says "ok" and waits for the go while the caller finishes the weights (the trainer announces
+        before its optimizer step). The `push` of the same version, manifest and bucket size then starts at
+        the go, so the requests' HTTP round trip is not on its path. A refusal surfaces in that push. An
+        announcement that is not pushed is aborted by the next announce, push or close."""
+        group = self._require_group("announce")
+        bucket_bytes = bucket_bytes or self.default_bucket_bytes
+        timeout_s = timeout_s or max(self.timeout_s, 60.0)
+        self._requests.abort(group.store)
+        self._requests.settle(group, timeout_s)
+        self._requests.announced = self._requests.send(manifest, version, bucket_bytes, timeout_s)
+
     def push(
         self,
         manifest: P.WeightManifest,
@@ -286,7 +387,8 @@ class WeightSyncClient:
         timeout_s: float | None = None,
         tensors_stay: bool = False,
     ) -> SyncStats:
-        """One sync: announce `manifest` to every server, then broadcast the buckets of `tensors`.
+        """One sync: announce `manifest` to every server (unless `announce` did), then broadcast the buckets
+        of `tensors`.
 
         `bucket_bytes` defaults to what the servers require (vLLM) or 64 MiB. `tensors_stay`: the tensors'
         memory stays valid and unchanged until the push returns (a model's own parameters), so a bucket
@@ -294,24 +396,16 @@ class WeightSyncClient:
         tensors that the iterator frees or reuses as it advances (ZeRO-3's gathered parameters).
         """
         bucket_bytes = bucket_bytes or self.default_bucket_bytes
-        group = self._group
-        if group is None:
-            raise WeightSyncError("push: call init_transfer first (or again, after a failed push)")
+        group = self._require_group("push")
         timeout_s = timeout_s or max(self.timeout_s, 60.0)
-        self._settle_previous(group, timeout_s)
+        requests = self._requests
+        sent = requests.take(group.store, manifest, version, bucket_bytes)
+        if sent is None:
+            requests.settle(group, timeout_s)
         t0 = time.monotonic()
-        sync_id = f"v{version}-{uuid.uuid4().hex[:12]}"
-        body = P.UpdateWeightsRequest(
-            version=version,
-            manifest=manifest,
-            bucket_bytes=bucket_bytes,
-            sync_id=sync_id,
-            timeout_s=timeout_s,
-        ).model_dump()
-        futures = [
-            self._pool.submit(self._post, url, P.ROUTE_UPDATE_WEIGHTS, body, timeout_s + 30)
-            for url in self.base_urls
-        ]
+        announced = sent is not None
+        sent = sent or requests.send(manifest, version, bucket_bytes, timeout_s)
+        sync_id, futures = sent.sync_id, sent.answers
         buckets = iter_packed_buckets(manifest, tensors, bucket_bytes, group.device, self._slots)
         bad = None
         try:  # the first bucket is gathered (ZeRO-3) and packed while the servers handshake: the two overlap
@@ -321,8 +415,7 @@ class WeightSyncClient:
         errors = self._handshake(group, sync_id, futures, t0 + timeout_s)
         if errors or bad is not None:
             group.store.set(go_key(sync_id), "0")
-            # The accepting servers answer 409 (aborted); the next push waits for that.
-            self._answers, self._last_sync_id = futures, sync_id
+            requests.outstanding.append(sent)  # the accepting servers answer 409 (aborted)
             if errors:
                 status = errors[0][1].status
                 raise WeightSyncRejected(status, "; ".join(f"{u}: {e.message}" for u, e in errors))
@@ -347,7 +440,7 @@ class WeightSyncClient:
             late = [str(f.exception()) for f in futures if f.done() and f.exception() is not None]
             raise WeightSyncError(f"push v{version} failed: {e}; servers: {late or 'no answer yet'}") from e
         t2 = time.monotonic()
-        self._answers, self._last_sync_id = futures, sync_id
+        requests.outstanding.append(sent)
         return SyncStats(
             version=version,
             bytes=manifest.total_bytes,
@@ -359,7 +452,13 @@ class WeightSyncClient:
             copied_bytes=copied,
             servers=results,
             sync_id=sync_id,
+            announced=announced,
         )
+
+    def _require_group(self, what: str) -> TransferGroup:
+        if self._group is None:
+            raise WeightSyncError(f"{what}: call init_transfer first (or again, after a failed push)")
+        return self._group
 
     def _handshake(
         self, group: TransferGroup, sync_id: str, futures: list[Future], deadline: float
@@ -392,27 +491,17 @@ class WeightSyncClient:
                 raise RolloutServerError(504, "no answer before the deadline", url)
         return results
 
-    def _settle_previous(self, group: TransferGroup, timeout_s: float) -> None:
-        """Wait for the previous push's HTTP answers (each server's update lock is free once it answered;
-        they come ~ms after the store said "done"), then delete its keys: the store would grow every step."""
-        _, late = concurrent.futures.wait(self._answers, timeout=timeout_s)
-        if late:
-            raise WeightSyncError(
-                f"{len(late)} server(s) never answered the previous update within {timeout_s:.0f}s"
-            )
-        if self._last_sync_id is not None:
-            forget_sync(group.store, self._last_sync_id, group.world_size)
-        self._answers, self._last_sync_id = [], None
-
     def close_group(self) -> None:
-        self._answers, self._last_sync_id = [], None
         if self._group is not None:
+            self._requests.abort(self._group.store)
             self._group.close()
             self._group = None
+        self._requests.outstanding = []
 
     def close(self) -> None:
         """Leave the group and tell the servers (best effort)."""
         if self._group is not None:
+            self._requests.abort(self._group.store)
             for url in self.base_urls:
                 try:
                     self._post(url, P.ROUTE_CLOSE_WEIGHT_TRANSFER, {}, 10)

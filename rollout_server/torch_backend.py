@@ -27,6 +27,7 @@ from rollout_server.protocol import (
     dtype_name,
     plan_buckets,
 )
+from rollout_server.torch_decoders import weights_swapped
 from rollout_server.torch_generate import StopChecker, generate_batch
 from rollout_server.weight_transfer import (
     TransferGroup,
@@ -226,6 +227,7 @@ class TorchBackend(Backend):
                     self._back(p, None)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
+            weights_swapped(self.model)
             self.weight_version = req.version
         t3 = time.monotonic()
         return UpdateWeightsResponse(

@@ -140,8 +140,17 @@ def _sources(model) -> list[torch.Tensor]:
 
 # model -> (identity of the weights the joined copies were made from, the layers). The joined q/k/v and
 # gate/up weights are copies (they cost one more copy of those weights in memory); they are rebuilt when a
-# weight changes place (the torch backend's swap) or is written in place (the tensor's version counter).
+# weight changes place or is written in place (the tensor's version counter), and after every weight swap
+# (`weights_swapped`, below).
 _LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def weights_swapped(model) -> None:
+    """Drop the joined copies of `model`'s weights; the torch backend calls it after every weight swap. The
+    (address, version) key alone cannot tell: the backend recycles its receive buffers, so the weights of
+    update k+2 land at the addresses update k had, and a gloo receive leaves the version counter as it was.
+    Two updates with no generation in between then served update k's joined q/k/v and gate/up weights."""
+    _LAYERS.pop(model, None)
 
 
 def _layers(model) -> list[_Layer]:

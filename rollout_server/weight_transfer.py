@@ -6,7 +6,9 @@ and a `ProcessGroupGloo` (CPU) or `ProcessGroupNCCL` (CUDA) directly on a `Prefi
 worlds coexist. Every collective waits with a timeout, so a dead peer gives an error, never a hang.
 
 Handshake of one update (no byte moves before everyone agreed):
-  1. trainer POSTs /update_weights (manifest, bucket_bytes, version, sync_id) to every server;
+  1. trainer POSTs /update_weights (manifest, bucket_bytes, version, sync_id) to every server; the training
+     loop sends these requests ahead, before its optimizer step (`WeightSyncClient.announce`), so steps 1-2
+     run while it trains and its push starts at step 3 (a go=0 calls off one that is not pushed);
   2. each server validates the manifest against its model; if bad it answers 4xx at once (it never enters
      the collective). If good it writes `rollout_sync/<sync_id>/status/<rank> = ok` into the trainer's store
      and waits for `rollout_sync/<sync_id>/go`;

@@ -13,7 +13,9 @@
    flat buffer, the layout DeepSpeed ZeRO-1/2 gives the trainer's parameters: buckets are sent from the
    parameters' own memory, no copy; the trainer reports it as `sync/copied_bytes` = 0) and `zero3` (a real
    one-rank DeepSpeed ZeRO-3 engine: each bucket's parameters are all-gathered, then packed, as the trainer
-   pushes under ZeRO-3; `--skip-zero3` leaves it out).
+   pushes under ZeRO-3; `--skip-zero3` leaves it out). `flat, announced` pushes the `flat` layout as the
+   training loop does: its update requests are sent before the optimizer step (here a 20 ms wait), so the
+   push is timed from the go.
 
     python scripts/bench_rollout.py            # or: make bench-rollout
     python scripts/bench_rollout.py --skip-sync --prompts 8
@@ -239,6 +241,12 @@ def bench_sync(args) -> list[tuple[str, str, str, str]]:
     layouts = {"separate": lambda _: iter(named), "flat": lambda _: iter(flat)}
     if not args.skip_zero3:
         layouts["zero3"] = zero3_layout(model_dir, named)
+    # The training loop announces each push before its optimizer step (`WeightSyncClient.announce`: the update
+    # requests go out and the servers answer "ok" while it trains); "flat, announced" does that, waits 20 ms
+    # for the step, and times the push from there: what a training step waits for.
+    variants = [(name, fn, False) for name, fn in layouts.items()] + [
+        ("flat, announced", layouts["flat"], True)
+    ]
     manifest = WeightManifest.from_named_tensors(named)
     nbytes = manifest.total_bytes
     buckets = [int(float(x) * (1 << 20)) for x in args.sync_buckets_mib.split(",")]
@@ -261,7 +269,7 @@ def bench_sync(args) -> list[tuple[str, str, str, str]]:
         for bucket, sizes in zip(buckets, pieces, strict=True):
             raw_t: list[float] = []
             raw_pieces_t: list[float] = []
-            runs: dict[str, list] = {name: [] for name in layouts}
+            runs: dict[str, list] = {name: [] for name, _, _ in variants}
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
                 raw_group.broadcast(raw_buf)
@@ -269,8 +277,11 @@ def bench_sync(args) -> list[tuple[str, str, str, str]]:
                 t0 = time.perf_counter()
                 broadcast_in_pieces(raw_group, raw_buf, sizes)
                 raw_pieces_t.append(time.perf_counter() - t0)
-                for name, tensors in layouts.items():
+                for name, tensors, announced in variants:
                     version += 1
+                    if announced:
+                        sync.announce(manifest, version, bucket_bytes=bucket)
+                        time.sleep(0.02)  # the optimizer step; the server says "ok" meanwhile
                     runs[name].append(
                         sync.push(
                             manifest,

@@ -22,13 +22,14 @@ import torch
 
 from rollout_server.client import (
     RolloutClient,
+    RolloutServerError,
     WeightSyncClient,
     WeightSyncError,
     WeightSyncRejected,
 )
 from rollout_server.protocol import GenerateRequest, UpdateWeightsResponse, WeightManifest
 from rollout_server.spawn import free_port
-from rollout_server.weight_transfer import done_key
+from rollout_server.weight_transfer import done_key, status_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -443,13 +444,32 @@ def test_weight_update_round_trip(client, sync, hf):
     assert after != before
     # The server said "done" twice, through the trainer's store (read first) and in its HTTP answer: the same.
     done = sync._group.store.get(done_key(stats.sync_id, 1))
-    answer = sync._answers[0].result(timeout=30)
+    answer = sync._requests.outstanding[-1].answers[0].result(timeout=30)
     assert UpdateWeightsResponse.model_validate_json(done) == UpdateWeightsResponse.model_validate(answer)
     assert stats.servers[0] == UpdateWeightsResponse.model_validate(answer)
     # The next push deletes this one's keys from the store (it would grow every step otherwise).
     again = sync.push(WeightManifest.from_named_tensors(named), iter(named), version=8)
     assert not sync._group.store.check([done_key(stats.sync_id, 1)])
     assert sync._group.store.check([done_key(again.sync_id, 1)])
+
+
+def test_back_to_back_pushes_serve_the_last(client, sync, hf):
+    """Pushes with no generation between them: the last one serves. The torch backend recycles its receive
+    buffers, so update k+2 lands at update k's addresses; its decoder's joined q/k/v and gate/up weights,
+    keyed by address, once took that for "unchanged" and served update k's."""
+    model, tok = hf
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    _, base = greedy_server(client, prompts)
+    for k in range(3):
+        trainer = perturbed(model, seed=30 + k)
+        named = list(trainer.named_parameters())
+        sync.push(WeightManifest.from_named_tensors(named), iter(named), version=base + 1 + k)
+        if k == 0:
+            greedy_server(client, prompts)  # the decoder joins update 1's weights
+    after, version = greedy_server(client, prompts)
+    expected = [greedy_ref(trainer, p, 12) for p in prompts]
+    assert version == base + 3
+    assert [a == e[: len(a)] for a, e in zip(after, expected, strict=True)] == [True] * 3
 
 
 def test_bad_manifest_refused_and_old_weights_serve(client, sync, hf):
@@ -488,6 +508,68 @@ def test_push_failing_in_its_first_bucket_aborts_before_any_byte_moved(client, s
     assert greedy_server(client, prompts) == (before, version)
     pushed = sync.push(WeightManifest.from_named_tensors(named), iter(named), version=version + 1)
     assert pushed.version == version + 1 and client.health().weight_version == version + 1
+
+
+def test_announced_push_starts_at_the_go(client, sync, hf):
+    """`announce` sends the update request before the weights exist (the trainer's optimizer step): the
+    server checks the manifest and waits for the go meanwhile, still generating on its old weights; the push
+    of that version then starts at the go. An announcement that is not pushed is called off (409), and a
+    refused one surfaces in its push."""
+    model, tok = hf
+    prompts = [tok(PROMPTS[2], add_special_tokens=False)["input_ids"]]
+    before, version = greedy_server(client, prompts)
+    trainer = perturbed(model, seed=7)
+    named = list(trainer.named_parameters())
+    manifest = WeightManifest.from_named_tensors(named)
+
+    def said_ok(sync_id: str) -> bool:
+        deadline = time.monotonic() + 30
+        while not sync._group.store.check([status_key(sync_id, 1)]):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    # Called off: announced as one version, pushed as another.
+    sync.announce(manifest, version + 1)
+    off = sync._requests.announced
+    assert said_ok(off.sync_id)
+    assert greedy_server(client, prompts) == (before, version)  # generation goes on while it waits
+    other = sync.push(manifest, iter(named), version=version + 2)
+    with pytest.raises(RolloutServerError) as info:
+        off.answers[0].result(timeout=30)
+    assert info.value.status == 409 and "aborted" in str(info.value)
+    assert other.version == version + 2 and other.sync_id != off.sync_id
+    # Pushed as announced: the server said ok before the push began, so the push starts at the go.
+    trainer = perturbed(model, seed=8)
+    named = list(trainer.named_parameters())
+    sync.announce(manifest, version + 3)
+    assert said_ok(sync._requests.announced.sync_id)
+    stats = sync.push(manifest, iter(named), version=version + 3)
+    assert stats.servers[0].version == version + 3 and client.health().weight_version == version + 3
+    assert stats.handshake_s < stats.seconds
+    after, _ = greedy_server(client, prompts)
+    print(
+        "DBG after",
+        after[0],
+        "ref8",
+        greedy_ref(trainer, prompts[0], 12),
+        "ref7",
+        greedy_ref(perturbed(model, seed=7), prompts[0], 12),
+        "ref0",
+        greedy_ref(model, prompts[0], 12),
+        "before",
+        before,
+    )
+    assert after[0] == greedy_ref(trainer, prompts[0], 12)[: len(after[0])]
+    # A refused announcement: the push raises what the server answered, and the group stays usable.
+    bad = [(n, t[:1] if i == 3 else t) for i, (n, t) in enumerate(named)]
+    bad_manifest = WeightManifest.from_named_tensors(bad)
+    sync.announce(bad_manifest, version + 4)
+    with pytest.raises(WeightSyncRejected) as refused:
+        sync.push(bad_manifest, iter(bad), version=version + 4)
+    assert refused.value.status == 422
+    assert sync.push(manifest, iter(named), version=version + 5).version == version + 5
 
 
 @pytest.mark.faults

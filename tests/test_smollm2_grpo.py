@@ -165,4 +165,5 @@ def test_three_off_policy_grpo_steps_sync_into_vllm(smollm2_dir, gsm8k_dir, tmp_
         assert m["sync/server_receive_s"] + m["sync/server_load_s"] <= m["sync/seconds"]
         # ZeRO-2 keeps the parameters in one flat buffer: every bucket goes out of it, nothing is copied
         assert m["sync/copied_bytes"] == 0 and m["sync/bytes"] > 500e6
+        assert m["sync/announced"] == 1.0  # vLLM took the update request while the step trained
     assert changed and moved > MOVED_MIN, f"final weights barely moved: max log-prob change {moved:.2e}"

@@ -13,7 +13,8 @@ Two sides:
 - the update side (here, every rank): take the step's batch (rank 0 broadcasts it), train on the rank's
   token-balanced shard in token-budget micro-batches (``UpdateStage``: one DeepSpeed optimizer step; a
   non-finite gradient norm skips it on all ranks), push the new weights to every server as version = step
-  (``WeightSync``, which also recovers servers that restarted), release the next step, write metrics
+  (``WeightSync``: its update requests go out before the optimizer step, so the servers' manifest check
+  and handshake overlap it; it also recovers servers that restarted), release the next step, write metrics
   (rank 0), sampled completions every ``logging.completions_every_steps`` and an atomic checkpoint every
   ``checkpoint.every_steps``.
 
@@ -213,6 +214,9 @@ class Trainer:
         wait_s = time.perf_counter() - t_step
         if self.cfg.debug.dump_batches and self.rank == 0:
             debug_hooks.dump_batch(self.cfg.run_dir, batch)
+        sync_due = step % self.cfg.rollout.sync_every_steps == 0
+        if sync_due:  # the servers take the update request (manifest check, handshake) while this step trains
+            self.c.sync.announce(step)
         t_train = time.perf_counter()
         result = self.c.update.step(batch)
         train_s = time.perf_counter() - t_train
@@ -225,7 +229,7 @@ class Trainer:
             )
         trained_from, self.trained_version = self.trained_version, step
         t_sync = time.perf_counter()
-        sync_stats = self.push(step) if step % self.cfg.rollout.sync_every_steps == 0 else {}
+        sync_stats = self.push(step) if sync_due else {}
         sync_s = time.perf_counter() - t_sync
         self.release(step + 1 + self.off_policy)
         step_s = time.perf_counter() - t_step

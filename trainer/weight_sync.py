@@ -1,6 +1,8 @@
 """Push the policy's weights to every rollout server: one update request per server per sync.
 
-Interface (what the loop sees): ``WeightSync.push(version) -> stats`` pushes or raises ``WeightSyncFailed``;
+Interface (what the loop sees): ``WeightSync.announce(version)`` before the optimizer step (rank 0 sends the
+update requests ahead; best effort), then ``WeightSync.push(version) -> stats`` pushes or raises
+``WeightSyncFailed``;
 ``WeightSync.resync(version)`` does the same for servers known to have lost their weights. Every rank calls
 them, rank 0 sends. Recovery lives here, not in the loop: a failed push (a server restarted, so its transfer
 group is gone) waits for every server to be ready again (``wait_servers_ready``), re-opens the group and
@@ -190,6 +192,22 @@ class WeightSync:
         if err:
             raise WeightSyncFailed(err)
 
+    def announce(self, version: int) -> None:
+        """Rank 0: send the update requests of the push of ``version`` now, before the optimizer step that
+        makes those weights; the servers check the manifest and wait for the go while it runs, so the push
+        starts at the go. Best effort and no collective: if it fails, the push sends its own requests and
+        recovers as usual."""
+        if self.client is None:
+            return
+        try:
+            self.client.announce(
+                self.manifest, version, bucket_bytes=self.bucket_bytes, timeout_s=self.timeout_s
+            )
+        except Exception as e:
+            log.warning(
+                "announcing weight version %d ahead failed (its push will ask itself): %s", version, e
+            )
+
     def push(self, version: int) -> dict[str, float]:
         """Send the current weights as ``version``; returns timing stats (same dict on every rank). A failure
         is retried once on a re-opened group (``resync``); a second one raises ``WeightSyncFailed``."""
@@ -237,6 +255,9 @@ class WeightSync:
                 result = {
                     "sync/seconds": time.perf_counter() - t0,
                     "sync/handshake_s": stats.handshake_s,
+                    # 1: the update requests went out before the optimizer step (`announce`), so the servers'
+                    # manifest check and "ok" were off this push's path; 0: the push sent them itself
+                    "sync/announced": float(stats.announced),
                     "sync/send_s": stats.send_s,
                     "sync/bytes": float(stats.bytes),
                     # 0 when every bucket went out of the parameters' own memory (ZeRO-1/2 keeps them in one
