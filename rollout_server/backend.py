@@ -62,9 +62,9 @@ def accepted_update(
     422 for a manifest the served model cannot take (``problems`` adds a backend's own, e.g. vLLM's fixed
     bucket size): the server never enters the collective, and the trainer aborts the others; 409 while
     another update runs; then the handshake ("ok" into the trainer's store, wait for its decision), 409 when
-    the trainer aborted. Holds the update lock until the block (the receive and swap) ends.
+    the trainer aborted or never decided within the request's timeout. Holds the update lock until the block (the receive and swap) ends.
     """
-    from rollout_server.weight_transfer import server_report_done, server_wait_go
+    from rollout_server.weight_transfer import WeightTransferError, server_report_done, server_wait_go
 
     if store is None:
         raise BadRequest("no weight-transfer group: call /init_weight_transfer first", status=409)
@@ -75,7 +75,13 @@ def accepted_update(
         raise BadRequest("another weight update is in progress", status=409)
     try:
         t0 = time.monotonic()
-        if not server_wait_go(store, rank, req.sync_id, req.timeout_s):
+        try:
+            go = server_wait_go(store, rank, req.sync_id, req.timeout_s)
+        except WeightTransferError as e:
+            # No byte moved and nothing changed here: the trainer never decided (an update announced ahead of
+            # a step that outlived the timeout, or a trainer gone). Called off, not a failed sync.
+            raise BadRequest(f"update called off: {e}", status=409) from e
+        if not go:
             raise BadRequest(
                 "update aborted by the trainer (another server refused the manifest, the first bucket did not "
                 "match it, or the trainer announced this update and then pushed another)",

@@ -103,6 +103,41 @@ def _answer_error(url: str, answer: Future, if_none: str) -> RolloutServerError:
     return RolloutServerError(500 if exc is None else 503, str(exc or if_none), url)
 
 
+def _handshake_errors(
+    store: dist.Store, urls: list[str], ranks: list[int], sync_id: str, futures: list[Future], deadline: float
+) -> list[tuple[str, RolloutServerError]]:
+    """Wait until every server said ok (store key) or answered with an error. Returns the errors."""
+    signs = first_signs(store, [status_key(sync_id, r) for r in ranks], futures, deadline)
+    errors = []
+    for url, (ok, answer), f in zip(urls, signs, futures, strict=True):
+        if answer is not None:  # an error; a 200 before the handshake cannot happen
+            errors.append((url, _answer_error(url, answer, "answered before the handshake")))
+        elif ok is None:
+            errors.append((url, RolloutServerError(504, "no handshake before the deadline")))
+        elif f.done():  # it said ok (long ago, if announced), then its request ended: e.g. it restarted
+            errors.append((url, _answer_error(url, f, "answered before the go")))
+    return errors
+
+
+def _done_responses(
+    store: dist.Store, urls: list[str], ranks: list[int], sync_id: str, futures: list[Future], deadline: float
+) -> list[P.UpdateWeightsResponse]:
+    """Every server's UpdateWeightsResponse once it serves the new weights: from its "done" store key or its
+    HTTP answer, whichever comes first (weight_transfer.py, step 4). Raises a server's error."""
+    signs = first_signs(store, [done_key(sync_id, r) for r in ranks], futures, deadline)
+    results = []
+    for url, (done, answer) in zip(urls, signs, strict=True):
+        if done is not None:
+            results.append(P.UpdateWeightsResponse.model_validate_json(done))
+        elif answer is not None and answer.exception() is None:
+            results.append(P.UpdateWeightsResponse.model_validate(answer.result()))
+        elif answer is not None:
+            raise _answer_error(url, answer, "")
+        else:
+            raise RolloutServerError(504, "no answer before the deadline", url)
+    return results
+
+
 class RolloutClient:
     """Generation client: retries connection errors and 5xx with exponential backoff."""
 
@@ -178,7 +213,7 @@ class SyncStats:
 
 
 @dataclass
-class _Announced:
+class _SentRequests:
     """One push's update requests, sent: its id, the servers' pending HTTP answers, and what it announced."""
 
     version: int
@@ -207,12 +242,14 @@ class UpdateRequests:
     def __init__(self, base_urls: list[str], submit: Callable[[str, str, dict, float], Future]):
         self.base_urls = base_urls
         self._submit = submit  # (url, route, body, timeout_s) -> the answer's future
-        self.announced: _Announced | None = None  # sent ahead (`WeightSyncClient.announce`), not yet pushed
-        self.outstanding: list[_Announced] = []  # pushed or aborted, answers maybe still to come
+        self.announced: _SentRequests | None = (
+            None  # sent ahead (`WeightSyncClient.announce`), not yet pushed
+        )
+        self.outstanding: list[_SentRequests] = []  # pushed or aborted, answers maybe still to come
 
     def send(
         self, manifest: P.WeightManifest, version: int, bucket_bytes: int, timeout_s: float
-    ) -> _Announced:
+    ) -> _SentRequests:
         sync_id = f"v{version}-{uuid.uuid4().hex[:12]}"
         body = P.UpdateWeightsRequest(
             version=version,
@@ -221,12 +258,15 @@ class UpdateRequests:
             sync_id=sync_id,
             timeout_s=timeout_s,
         ).model_dump()
-        answers = [self._submit(url, P.ROUTE_UPDATE_WEIGHTS, body, timeout_s + 30) for url in self.base_urls]
-        return _Announced(version, manifest, bucket_bytes, sync_id, answers, timeout_s)
+        # The answer comes once the update is over: up to half the timeout after an announcement (`serves`),
+        # then the push's own deadlines (handshake and send within the timeout, "done" 30 s after the send).
+        http_timeout_s = 2 * timeout_s + 60
+        answers = [self._submit(url, P.ROUTE_UPDATE_WEIGHTS, body, http_timeout_s) for url in self.base_urls]
+        return _SentRequests(version, manifest, bucket_bytes, sync_id, answers, timeout_s)
 
     def take(
         self, store: dist.Store, manifest: P.WeightManifest, version: int, bucket_bytes: int
-    ) -> _Announced | None:
+    ) -> _SentRequests | None:
         """The announced requests of this push, if they still serve it; any other announcement is aborted."""
         if self.announced is not None and self.announced.serves(manifest, version, bucket_bytes):
             taken, self.announced = self.announced, None
@@ -238,11 +278,15 @@ class UpdateRequests:
         """Call the announced push off: its servers, waiting for the go, answer 409."""
         announced, self.announced = self.announced, None
         if announced is not None:
-            try:
-                store.set(go_key(announced.sync_id), "0")
-            except Exception:  # the store is gone: the servers' wait for the go fails on its own
-                pass
-            self.outstanding.append(announced)
+            self.call_off(store, announced)
+
+    def call_off(self, store: dist.Store, sent: _SentRequests) -> None:
+        """go = 0 for requests that will not be pushed (before any byte moved); settled like any other."""
+        try:
+            store.set(go_key(sent.sync_id), "0")
+        except Exception:  # the store is gone: the servers' wait for the go fails on its own
+            pass
+        self.outstanding.append(sent)
 
     def settle(self, group: TransferGroup, timeout_s: float) -> None:
         answers = [f for sent in self.outstanding for f in sent.answers]
@@ -375,7 +419,8 @@ class WeightSyncClient:
         bucket_bytes = bucket_bytes or self.default_bucket_bytes
         timeout_s = timeout_s or max(self.timeout_s, 60.0)
         self._requests.abort(group.store)
-        self._requests.settle(group, timeout_s)
+        # A server still busy with the previous update after 10 s: do not wait here too (the push waits).
+        self._requests.settle(group, min(timeout_s, 10.0))
         self._requests.announced = self._requests.send(manifest, version, bucket_bytes, timeout_s)
 
     def push(
@@ -406,16 +451,23 @@ class WeightSyncClient:
         announced = sent is not None
         sent = sent or requests.send(manifest, version, bucket_bytes, timeout_s)
         sync_id, futures = sent.sync_id, sent.answers
-        buckets = iter_packed_buckets(manifest, tensors, bucket_bytes, group.device, self._slots)
-        bad = None
-        try:  # the first bucket is gathered (ZeRO-3) and packed while the servers handshake: the two overlap
-            first = list(itertools.islice(buckets, 1))
-        except Exception as e:  # e.g. a tensor that does not match the manifest: abort before any byte moves
-            first, bad = [], e
-        errors = self._handshake(group, sync_id, futures, t0 + timeout_s)
+        try:
+            buckets = iter_packed_buckets(manifest, tensors, bucket_bytes, group.device, self._slots)
+            bad = None
+            try:  # the first bucket is gathered (ZeRO-3) and packed while the servers handshake: they overlap
+                first = list(itertools.islice(buckets, 1))
+            except (
+                Exception
+            ) as e:  # e.g. a tensor that does not match the manifest: abort before any byte moves
+                first, bad = [], e
+            errors = _handshake_errors(
+                group.store, self.base_urls, self._ranks, sync_id, futures, t0 + timeout_s
+            )
+        except BaseException:  # e.g. the store failed: no server may be left waiting for a go
+            requests.call_off(group.store, sent)
+            raise
         if errors or bad is not None:
-            group.store.set(go_key(sync_id), "0")
-            requests.outstanding.append(sent)  # the accepting servers answer 409 (aborted)
+            requests.call_off(group.store, sent)  # the accepting servers answer 409 (aborted)
             if errors:
                 status = errors[0][1].status
                 raise WeightSyncRejected(status, "; ".join(f"{u}: {e.message}" for u, e in errors))
@@ -434,7 +486,9 @@ class WeightSyncClient:
                 group, itertools.chain(first, buckets), tensors_stay, t0 + timeout_s, abort=server_failed
             )
             # As long as the HTTP answers were given before: a slow load (vLLM) is not cut short.
-            results = self._await_done(group, sync_id, futures, time.monotonic() + timeout_s + 30)
+            results = _done_responses(
+                group.store, self.base_urls, self._ranks, sync_id, futures, time.monotonic() + timeout_s + 30
+            )
         except Exception as e:
             self.close_group()
             late = [str(f.exception()) for f in futures if f.done() and f.exception() is not None]
@@ -459,37 +513,6 @@ class WeightSyncClient:
         if self._group is None:
             raise WeightSyncError(f"{what}: call init_transfer first (or again, after a failed push)")
         return self._group
-
-    def _handshake(
-        self, group: TransferGroup, sync_id: str, futures: list[Future], deadline: float
-    ) -> list[tuple[str, RolloutServerError]]:
-        """Wait until every server said ok (store key) or answered with an error. Returns the errors."""
-        signs = first_signs(group.store, [status_key(sync_id, r) for r in self._ranks], futures, deadline)
-        errors = []
-        for url, (ok, answer) in zip(self.base_urls, signs, strict=True):
-            if answer is not None:  # an error; a 200 before the handshake cannot happen
-                errors.append((url, _answer_error(url, answer, "answered before the handshake")))
-            elif ok is None:
-                errors.append((url, RolloutServerError(504, "no handshake before the deadline")))
-        return errors
-
-    def _await_done(
-        self, group: TransferGroup, sync_id: str, futures: list[Future], deadline: float
-    ) -> list[P.UpdateWeightsResponse]:
-        """Every server's UpdateWeightsResponse once it serves the new weights: from its "done" store key or
-        its HTTP answer, whichever comes first (weight_transfer.py, step 4). Raises a server's error."""
-        signs = first_signs(group.store, [done_key(sync_id, r) for r in self._ranks], futures, deadline)
-        results = []
-        for url, (done, answer) in zip(self.base_urls, signs, strict=True):
-            if done is not None:
-                results.append(P.UpdateWeightsResponse.model_validate_json(done))
-            elif answer is not None and answer.exception() is None:
-                results.append(P.UpdateWeightsResponse.model_validate(answer.result()))
-            elif answer is not None:
-                raise _answer_error(url, answer, "")
-            else:
-                raise RolloutServerError(504, "no answer before the deadline", url)
-        return results
 
     def close_group(self) -> None:
         if self._group is not None:

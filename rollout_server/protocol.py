@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -317,16 +318,21 @@ class WeightManifest(_Strict):
         return cls(tensors=specs)
 
 
-class BucketItem(BaseModel):
-    index: int = Field(..., description="Index of the tensor in the manifest.")
+@dataclass(frozen=True, slots=True)
+class BucketItem:
+    """One tensor's place in a bucket. Buckets are computed on each side (`plan_buckets`), never sent, so
+    they are plain dataclasses: building 290 pydantic models per push cost 0.8 ms before any byte moved."""
+
+    index: int  # index of the tensor in the manifest
     name: str
-    offset: int = Field(..., description="Byte offset inside the bucket.")
+    offset: int  # byte offset inside the bucket
     nbytes: int
 
 
-class Bucket(BaseModel):
+@dataclass(frozen=True, slots=True)
+class Bucket:
     items: list[BucketItem]
-    nbytes: int = Field(..., description="Size of the flat uint8 buffer.")
+    nbytes: int  # size of the flat uint8 buffer
 
 
 def plan_buckets(manifest: WeightManifest, bucket_bytes: int) -> list[Bucket]:
@@ -341,8 +347,9 @@ def plan_buckets(manifest: WeightManifest, bucket_bytes: int) -> list[Bucket]:
     items: list[BucketItem] = []
     size = 0
     for i, t in enumerate(manifest.tensors):
-        items.append(BucketItem(index=i, name=t.name, offset=size, nbytes=t.nbytes))
-        size += t.nbytes
+        nbytes = t.nbytes
+        items.append(BucketItem(index=i, name=t.name, offset=size, nbytes=nbytes))
+        size += nbytes
         if size > bucket_bytes:
             buckets.append(Bucket(items=items, nbytes=size))
             items, size = [], 0

@@ -536,6 +536,7 @@ def test_announced_push_starts_at_the_go(client, sync, hf):
     assert said_ok(off.sync_id)
     assert greedy_server(client, prompts) == (before, version)  # generation goes on while it waits
     other = sync.push(manifest, iter(named), version=version + 2)
+    assert not other.announced
     with pytest.raises(RolloutServerError) as info:
         off.answers[0].result(timeout=30)
     assert info.value.status == 409 and "aborted" in str(info.value)
@@ -544,23 +545,12 @@ def test_announced_push_starts_at_the_go(client, sync, hf):
     trainer = perturbed(model, seed=8)
     named = list(trainer.named_parameters())
     sync.announce(manifest, version + 3)
-    assert said_ok(sync._requests.announced.sync_id)
+    ahead = sync._requests.announced.sync_id
+    assert said_ok(ahead)
     stats = sync.push(manifest, iter(named), version=version + 3)
+    assert stats.announced and stats.sync_id == ahead  # the push used the announced requests
     assert stats.servers[0].version == version + 3 and client.health().weight_version == version + 3
-    assert stats.handshake_s < stats.seconds
     after, _ = greedy_server(client, prompts)
-    print(
-        "DBG after",
-        after[0],
-        "ref8",
-        greedy_ref(trainer, prompts[0], 12),
-        "ref7",
-        greedy_ref(perturbed(model, seed=7), prompts[0], 12),
-        "ref0",
-        greedy_ref(model, prompts[0], 12),
-        "before",
-        before,
-    )
     assert after[0] == greedy_ref(trainer, prompts[0], 12)[: len(after[0])]
     # A refused announcement: the push raises what the server answered, and the group stays usable.
     bad = [(n, t[:1] if i == 3 else t) for i, (n, t) in enumerate(named)]
@@ -570,6 +560,31 @@ def test_announced_push_starts_at_the_go(client, sync, hf):
         sync.push(bad_manifest, iter(bad), version=version + 4)
     assert refused.value.status == 422
     assert sync.push(manifest, iter(named), version=version + 5).version == version + 5
+
+
+def test_announcement_past_its_timeout_is_called_off_and_the_push_asks_again(server, client, sync, hf):
+    """A step that outlives the announcement: the server stops waiting for the go and answers 409 "called
+    off", which is not a failed sync; the push sees the announcement is stale and sends its own request."""
+
+    def failures() -> float:
+        text = httpx.get(server + "/metrics", timeout=30).text
+        return next(
+            float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith("rollout_weight_sync_failures")
+        )
+
+    model, tok = hf
+    named = list(perturbed(model, seed=9).named_parameters())
+    manifest = WeightManifest.from_named_tensors(named)
+    _, version = greedy_server(client, [tok(PROMPTS[0], add_special_tokens=False)["input_ids"]])
+    failed_before = failures()
+    sync.announce(manifest, version + 1, timeout_s=1.0)
+    stale = sync._requests.announced
+    with pytest.raises(RolloutServerError) as info:
+        stale.answers[0].result(timeout=30)
+    assert info.value.status == 409 and "called off" in str(info.value)
+    stats = sync.push(manifest, iter(named), version=version + 1, timeout_s=30)
+    assert not stats.announced and stats.sync_id != stale.sync_id
+    assert client.health().weight_version == version + 1 and failures() == failed_before
 
 
 @pytest.mark.faults

@@ -100,6 +100,37 @@ def test_packer_is_done_with_a_bucket_before_it_asks_for_the_next(slots):
     assert len(sent) == len(want) and all(torch.equal(a, b) for a, b in zip(sent, want, strict=True))
 
 
+def test_bucket_sent_from_the_tensors_own_memory_only_when_its_bytes_are_one_run():
+    """A bucket goes out of the parameters' memory (borrowed, no copy) only when its tensors sit back to back
+    in one allocation, as ZeRO-1/2's flat buffer lays them out; anything else is packed. Either way the bytes
+    on the wire are the bucket's."""
+    from rollout_server.weight_transfer import iter_packed_buckets
+
+    shapes = [[4], [4, 4], [6], [2, 3]]
+    flat_buf = torch.randn(sum(math.prod(s) for s in shapes) + 5)  # [n + 5] float32, one allocation
+    views, offset = [], 0
+    for i, shape in enumerate(shapes):
+        views.append((f"t{i}", flat_buf[offset : offset + math.prod(shape)].view(shape)))
+        offset += math.prod(shape)
+    m = P.WeightManifest.from_named_tensors(views)
+
+    def sent(tensors):
+        (buf, borrowed), *rest = iter_packed_buckets(m, iter(tensors), 1 << 20, torch.device("cpu"), [])
+        assert not rest
+        want = P.pack_bucket(P.plan_buckets(m, 1 << 20)[0], [t for _, t in tensors])
+        assert torch.equal(buf, want)
+        return buf, borrowed
+
+    buf, borrowed = sent(views)
+    assert borrowed and buf.data_ptr() == flat_buf.data_ptr() and buf.numel() == 4 * offset
+    assert not sent([(n, t.clone()) for n, t in views])[1]  # separate allocations
+    assert not sent([views[0], ("t1", views[1][1].t()), *views[2:]])[1]  # a non-contiguous view
+    assert not sent([("t0", views[0][1].clone()), *views[1:]])[1]  # the first one elsewhere
+    skipped = flat_buf[1 : 1 + offset]  # the same run one element later, with t2 left where it was
+    moved = [("t0", skipped[:4]), ("t1", skipped[4:20].view(4, 4)), views[2], ("t3", skipped[26:].view(2, 3))]
+    assert not sent(moved)[1]
+
+
 @needs_vllm_src
 @pytest.mark.filterwarnings("ignore:Tensor")
 def test_buckets_are_byte_identical_to_vllm_packing():

@@ -232,8 +232,10 @@ def test_run_folder_layout_and_logs(e2e_run, capsys):
     # The servers' side of the push (wire, then swap; the slowest server's each) within the push the trainer timed.
     assert 0 < m["sync/server_receive_s"] <= m["sync/seconds"]
     assert 0 < m["sync/server_load_s"] <= m["sync/seconds"]
-    # The update requests went out before the optimizer step: the push started at the go, every step.
-    assert [row["sync/announced"] for row in read_jsonl(e2e_run / "metrics.jsonl")] == [1.0] * 3
+    # The update requests went out before the optimizer step: the push started at the go. (An announcement
+    # older than half the sync timeout, 60 s here, is not used: the push asks again.)
+    rows = [r for r in read_jsonl(e2e_run / "metrics.jsonl") if r["time/train"] < 20]
+    assert rows and all(r["sync/announced"] == 1.0 for r in rows)
     # ZeRO-3: gathered copies are packed into buckets (one-tensor buckets go out as they are)
     assert 0 < m["sync/copied_bytes"] <= m["sync/bytes"]
     assert (
