@@ -126,7 +126,14 @@ def bench_sync_into_vllm(args, model_dir: Path) -> list[str]:
 
     model = _load(model_dir)
     named = list(model.named_parameters())
-    layouts = {"separate tensors": named, "flat buffer (the trainer's ZeRO-1/2 layout)": flat_copy(named)}
+    flat = flat_copy(named)
+    # (tensors, announced): the last pushes as the training loop does, its update request sent ahead (before
+    # the optimizer step; here a 50 ms wait), so the push starts at the go
+    layouts = {
+        "separate tensors": (named, False),
+        "flat buffer (the trainer's ZeRO-1/2 layout)": (flat, False),
+        "flat buffer, request sent ahead (as the training loop pushes)": (flat, True),
+    }
     manifest = WeightManifest.from_named_tensors(named)
     nbytes = manifest.total_bytes
     proc, url = start_server(model_dir, "vllm")
@@ -148,8 +155,11 @@ def bench_sync_into_vllm(args, model_dir: Path) -> list[str]:
             t0 = time.perf_counter()
             raw.broadcast(buf)
             raw_t.append(time.perf_counter() - t0)
-            for layout, tensors in layouts.items():
+            for layout, (tensors, announced) in layouts.items():
                 version += 1
+                if announced:
+                    sync.announce(manifest, version, bucket_bytes=bucket)
+                    time.sleep(0.05)
                 t0 = time.perf_counter()
                 res = sync.push(manifest, iter(tensors), version=version, bucket_bytes=bucket)
                 r = httpx.post(url + "/generate", json=one_token, timeout=300).json()
