@@ -62,7 +62,8 @@ def accepted_update(
     422 for a manifest the served model cannot take (``problems`` adds a backend's own, e.g. vLLM's fixed
     bucket size): the server never enters the collective, and the trainer aborts the others; 409 while
     another update runs; then the handshake ("ok" into the trainer's store, wait for its decision), 409 when
-    the trainer aborted or never decided within the request's timeout. Holds the update lock until the block (the receive and swap) ends.
+    the trainer aborted or never decided within the request's timeout. Holds the update lock until the block
+    (the receive and swap) ends.
     """
     from rollout_server.weight_transfer import WeightTransferError, server_report_done, server_wait_go
 

@@ -242,9 +242,8 @@ class UpdateRequests:
     def __init__(self, base_urls: list[str], submit: Callable[[str, str, dict, float], Future]):
         self.base_urls = base_urls
         self._submit = submit  # (url, route, body, timeout_s) -> the answer's future
-        self.announced: _SentRequests | None = (
-            None  # sent ahead (`WeightSyncClient.announce`), not yet pushed
-        )
+        # sent ahead (`WeightSyncClient.announce`), not yet pushed
+        self.announced: _SentRequests | None = None
         self.outstanding: list[_SentRequests] = []  # pushed or aborted, answers maybe still to come
 
     def send(
