@@ -77,7 +77,7 @@ def accepted_update(
     try:
         t0 = time.monotonic()
         try:
-            go = server_wait_go(store, rank, req.sync_id, req.timeout_s)
+            go = server_wait_go(store, rank, req.sync_id, req.go_wait_s)
         except WeightTransferError as e:
             # No byte moved and nothing changed here: the trainer never decided (an update announced ahead of
             # a step that outlived the timeout, or a trainer gone). Called off, not a failed sync.

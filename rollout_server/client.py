@@ -202,7 +202,10 @@ class SyncStats:
     num_tensors: int
     num_buckets: int
     seconds: float = 0.0  # whole push, as seen by the trainer
-    handshake_s: float = 0.0  # requests sent -> every server said ok (the first bucket is packed meanwhile)
+    # push started -> the go (every server said ok; the first bucket is packed meanwhile). With `announced`
+    # the servers said ok during the optimizer step, so this is ~1 ms; a server's own `handshake_s` is not
+    # this: it counts from the request's arrival, so it includes that step.
+    handshake_s: float = 0.0
     send_s: float = 0.0  # packing + broadcasting every bucket
     copied_bytes: int = (
         0  # bytes packed into bucket buffers; 0 when every bucket was sent from the tensors' memory
@@ -216,20 +219,21 @@ class SyncStats:
 class _SentRequests:
     """One push's update requests, sent: its id, the servers' pending HTTP answers, and what it announced."""
 
-    version: int
-    manifest: P.WeightManifest
-    bucket_bytes: int
-    sync_id: str
+    request: P.UpdateWeightsRequest  # the body each server got
     answers: list[Future]
-    timeout_s: float  # how long each server waits for the go (from `at`)
     at: float = field(default_factory=time.monotonic)
 
+    @property
+    def sync_id(self) -> str:
+        return self.request.sync_id
+
     def serves(self, manifest: P.WeightManifest, version: int, bucket_bytes: int) -> bool:
-        """True for the push it announced, while the servers still have at least half their wait left."""
+        """True for the push it announced, while the request still takes a go (`go_usable_s`)."""
+        req = self.request
         return (
-            (self.version, self.bucket_bytes) == (version, bucket_bytes)
-            and (self.manifest is manifest or self.manifest == manifest)
-            and time.monotonic() - self.at < self.timeout_s / 2
+            (req.version, req.bucket_bytes) == (version, bucket_bytes)
+            and (req.manifest is manifest or req.manifest == manifest)
+            and time.monotonic() - self.at < req.go_usable_s
         )
 
 
@@ -250,18 +254,19 @@ class UpdateRequests:
         self, manifest: P.WeightManifest, version: int, bucket_bytes: int, timeout_s: float
     ) -> _SentRequests:
         sync_id = f"v{version}-{uuid.uuid4().hex[:12]}"
-        body = P.UpdateWeightsRequest(
+        req = P.UpdateWeightsRequest(
             version=version,
             manifest=manifest,
             bucket_bytes=bucket_bytes,
             sync_id=sync_id,
             timeout_s=timeout_s,
-        ).model_dump()
-        # The answer comes once the update is over: up to half the timeout after an announcement (`serves`),
-        # then the push's own deadlines (handshake and send within the timeout, "done" 30 s after the send).
-        http_timeout_s = 2 * timeout_s + 60
+        )
+        body = req.model_dump()
+        # The answer comes once the update is over: the server waits for the go at most `go_wait_s`, then
+        # receives within the timeout ("done" 30 s after the send at the latest).
+        http_timeout_s = req.go_wait_s + timeout_s + 60
         answers = [self._submit(url, P.ROUTE_UPDATE_WEIGHTS, body, http_timeout_s) for url in self.base_urls]
-        return _SentRequests(version, manifest, bucket_bytes, sync_id, answers, timeout_s)
+        return _SentRequests(req, answers)
 
     def take(
         self, store: dist.Store, manifest: P.WeightManifest, version: int, bucket_bytes: int

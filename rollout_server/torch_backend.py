@@ -25,7 +25,6 @@ from rollout_server.protocol import (
     UpdateWeightsResponse,
     cut_at_stop,
     dtype_name,
-    plan_buckets,
 )
 from rollout_server.torch_decoders import weights_swapped
 from rollout_server.torch_generate import StopChecker, generate_batch
@@ -196,7 +195,7 @@ class TorchBackend(Backend):
     ) -> UpdateWeightsResponse:
         t1 = time.monotonic()
         deadline = t1 + req.timeout_s
-        buckets = plan_buckets(req.manifest, req.bucket_bytes)
+        buckets = req.manifest.buckets(req.bucket_bytes)
         staging: list[tuple[str, torch.Tensor]] = []  # views into the received buckets
         received: list[torch.Tensor] = []
 

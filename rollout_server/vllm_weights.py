@@ -26,7 +26,6 @@ from rollout_server.protocol import (
     InitWeightTransferResponse,
     UpdateWeightsRequest,
     UpdateWeightsResponse,
-    plan_buckets,
 )
 
 log = logging.getLogger("rollout_server")
@@ -137,6 +136,9 @@ class VLLMWeightReceiver:
             bucket_problems.append(
                 f"bucket_bytes: {req.bucket_bytes} != {self.bucket_bytes} fixed by --weight-transfer-bucket-bytes"
             )
+        # Counted before the "ok" (the trainer packs its first bucket meanwhile), not after vLLM's load; the
+        # worker that receives plans the same buckets in its own process.
+        num_buckets = len(req.manifest.buckets(req.bucket_bytes))
         with accepted_update(
             req,
             store=self._store,
@@ -157,7 +159,7 @@ class VLLMWeightReceiver:
                 UpdateWeightsResponse(
                     version=req.version,
                     num_tensors=len(req.manifest.tensors),
-                    num_buckets=len(plan_buckets(req.manifest, req.bucket_bytes)),
+                    num_buckets=num_buckets,
                     bytes=req.manifest.total_bytes,
                     handshake_s=update.handshake_s,
                     # receive: the buckets on the wire; swap: pausing, loading into vLLM (its layer-wise reload,

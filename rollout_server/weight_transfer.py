@@ -38,7 +38,6 @@ from rollout_server.protocol import (
     Bucket,
     WeightManifest,
     pack_bucket,
-    plan_buckets,
     torch_dtype,
     unpack_bucket,
 )
@@ -316,7 +315,7 @@ def iter_packed_buckets(
     device = torch.device(device)
     # Blocking into CPU memory: a non-blocking copy from the GPU could still be landing when gloo reads.
     non_blocking = device.type != "cpu"
-    for k, b in enumerate(plan_buckets(manifest, bucket_bytes)):
+    for k, b in enumerate(manifest.buckets(bucket_bytes)):
         chunk = []
         for item in b.items:
             try:

@@ -13,9 +13,9 @@
    flat buffer, the layout DeepSpeed ZeRO-1/2 gives the trainer's parameters: buckets are sent from the
    parameters' own memory, no copy; the trainer reports it as `sync/copied_bytes` = 0) and `zero3` (a real
    one-rank DeepSpeed ZeRO-3 engine: each bucket's parameters are all-gathered, then packed, as the trainer
-   pushes under ZeRO-3; `--skip-zero3` leaves it out). `flat, announced` pushes the `flat` layout as the
-   training loop does: its update requests are sent before the optimizer step (here a 20 ms wait), so the
-   push is timed from the go.
+   pushes under ZeRO-3; `--skip-zero3` leaves it out). `flat, announced` and `zero3, announced` push those
+   layouts as the training loop does: its update requests are sent before the optimizer step (here a 50 ms
+   wait), so the push is timed from the go.
 
     python scripts/bench_rollout.py            # or: make bench-rollout
     python scripts/bench_rollout.py --skip-sync --prompts 8
@@ -230,6 +230,16 @@ def zero3_layout(model_dir: Path, named: list):
     return tensors
 
 
+OPTIMIZER_STEP_S = 0.05  # stands for the step between announce and push: time for every server to say "ok"
+
+
+def announce_then_step(sync, manifest, version: int, bucket_bytes: int) -> None:
+    """What the training loop does before a push: send its update requests ahead (`WeightSyncClient.announce`),
+    then run the optimizer step (here a pause) while the servers check the manifest and say "ok"."""
+    sync.announce(manifest, version, bucket_bytes=bucket_bytes)
+    time.sleep(OPTIMIZER_STEP_S)
+
+
 def bench_sync(args) -> list[tuple[str, str, str, str]]:
     """Raw broadcasts and pushes (each layout) alternate (same load for all); best and median of `repeats`."""
     from rollout_server.client import WeightSyncClient
@@ -241,12 +251,10 @@ def bench_sync(args) -> list[tuple[str, str, str, str]]:
     layouts = {"separate": lambda _: iter(named), "flat": lambda _: iter(flat)}
     if not args.skip_zero3:
         layouts["zero3"] = zero3_layout(model_dir, named)
-    # The training loop announces each push before its optimizer step (`WeightSyncClient.announce`: the update
-    # requests go out and the servers answer "ok" while it trains); "flat, announced" does that, waits 20 ms
-    # for the step, and times the push from there: what a training step waits for.
-    variants = [(name, fn, False) for name, fn in layouts.items()] + [
-        ("flat, announced", layouts["flat"], True)
-    ]
+    # "..., announced" pushes as the training loop does (`announce_then_step`) and times the push from the go:
+    # what a training step waits for.
+    variants = [(name, fn, False) for name, fn in layouts.items()]
+    variants += [(f"{name}, announced", layouts[name], True) for name in ("flat", "zero3") if name in layouts]
     manifest = WeightManifest.from_named_tensors(named)
     nbytes = manifest.total_bytes
     buckets = [int(float(x) * (1 << 20)) for x in args.sync_buckets_mib.split(",")]
@@ -257,6 +265,13 @@ def bench_sync(args) -> list[tuple[str, str, str, str]]:
     receiver = start_raw_receiver(raw_port, nbytes, args.repeats, pieces)
     rows = []
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+
+    def ratios(xs: list[float], base: list[float]) -> str:
+        """best / median / paired: the last is the median of each repeat's own ratio. The two sides of a repeat
+        ran back to back, so it is the figure the machine's drift between repeats moves least."""
+        paired = med([x / b for x, b in zip(xs, base, strict=True)])
+        return f"{min(xs) / min(base):.2f}x / {med(xs) / med(base):.2f}x / {paired:.2f}x"
+
     try:
         raw_group = join_group(open_store("127.0.0.1", raw_port, True, 60), "127.0.0.1", 0, 2, "gloo", 300)
         raw_buf = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)  # [nbytes]
@@ -280,22 +295,21 @@ def bench_sync(args) -> list[tuple[str, str, str, str]]:
                 for name, tensors, announced in variants:
                     version += 1
                     if announced:
-                        sync.announce(manifest, version, bucket_bytes=bucket)
-                        time.sleep(0.02)  # the optimizer step; the server says "ok" meanwhile
+                        announce_then_step(sync, manifest, version, bucket)
                     runs[name].append(
                         sync.push(
                             manifest,
                             tensors(bucket),
                             version=version,
                             bucket_bytes=bucket,
-                            tensors_stay=name != "zero3",  # as the trainer passes it
+                            tensors_stay=not name.startswith("zero3"),  # as the trainer passes it
                         )
                     )
             rows.append(
                 (
                     f"raw gloo broadcast of {nbytes / 1e6:.1f} MB (1 buffer)",
                     f"{min(raw_t) * 1e3:.0f} ms, median {med(raw_t) * 1e3:.0f}",
-                    "1.00x / 1.00x",
+                    "1",
                     "",
                 )
             )
@@ -303,8 +317,8 @@ def bench_sync(args) -> list[tuple[str, str, str, str]]:
                 (
                     f"raw gloo broadcast of the same bytes in the push's {len(sizes)} bucket(s)",
                     f"{min(raw_pieces_t) * 1e3:.0f} ms, median {med(raw_pieces_t) * 1e3:.0f}",
-                    f"{min(raw_pieces_t) / min(raw_t):.2f}x / {med(raw_pieces_t) / med(raw_t):.2f}x",
-                    "1.00x / 1.00x",
+                    ratios(raw_pieces_t, raw_t),
+                    "1",
                 )
             )
             for name, pushes in runs.items():
@@ -318,8 +332,8 @@ def bench_sync(args) -> list[tuple[str, str, str, str]]:
                         f"{best.seconds * 1e3:.0f} ms, median {med(push_t) * 1e3:.0f} (best: handshake + first pack "
                         f"{best.handshake_s * 1e3:.0f}, send {best.send_s * 1e3:.0f}; server: receive "
                         f"{server_side.receive_s * 1e3:.0f}, swap {server_side.swap_s * 1e3:.1f})",
-                        f"{min(push_t) / min(raw_t):.2f}x / {med(push_t) / med(raw_t):.2f}x",
-                        f"{min(push_t) / min(raw_pieces_t):.2f}x / {med(push_t) / med(raw_pieces_t):.2f}x",
+                        ratios(push_t, raw_t),
+                        ratios(push_t, raw_pieces_t),
                     )
                 )
         sync.close()
@@ -367,8 +381,8 @@ def main() -> None:
     if not args.skip_sync:
         print(f"\n### Weight sync over gloo (CPU), best of {args.repeats}\n")
         print(
-            "| method | time | vs raw broadcast, one buffer (best / median) | vs raw broadcast in the same "
-            "buckets |\n|---|---|---|---|"
+            "| method | time | vs raw broadcast, one buffer (best / median / paired) | vs raw broadcast in the "
+            "same buckets (best / median / paired) |\n|---|---|---|---|"
         )
         for r in bench_sync(args):
             print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |")

@@ -32,7 +32,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_rollout import flat_copy, free_port, random_qwen2, start_raw_receiver, start_server  # noqa: E402
+from bench_rollout import (  # noqa: E402
+    announce_then_step,
+    flat_copy,
+    free_port,
+    random_qwen2,
+    start_raw_receiver,
+    start_server,
+)
 
 
 def model_dirs(args) -> list[tuple[str, Path]]:
@@ -127,8 +134,8 @@ def bench_sync_into_vllm(args, model_dir: Path) -> list[str]:
     model = _load(model_dir)
     named = list(model.named_parameters())
     flat = flat_copy(named)
-    # (tensors, announced): the last pushes as the training loop does, its update request sent ahead (before
-    # the optimizer step; here a 50 ms wait), so the push starts at the go
+    # (tensors, announced): the last pushes as the training loop does (`announce_then_step`), so the push
+    # starts at the go
     layouts = {
         "separate tensors": (named, False),
         "flat buffer (the trainer's ZeRO-1/2 layout)": (flat, False),
@@ -158,8 +165,7 @@ def bench_sync_into_vllm(args, model_dir: Path) -> list[str]:
             for layout, (tensors, announced) in layouts.items():
                 version += 1
                 if announced:
-                    sync.announce(manifest, version, bucket_bytes=bucket)
-                    time.sleep(0.05)
+                    announce_then_step(sync, manifest, version, bucket)
                 t0 = time.perf_counter()
                 res = sync.push(manifest, iter(tensors), version=version, bucket_bytes=bucket)
                 r = httpx.post(url + "/generate", json=one_token, timeout=300).json()

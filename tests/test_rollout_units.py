@@ -64,6 +64,17 @@ def test_plan_buckets_rule(bucket_bytes):
     assert buckets[-1].nbytes - buckets[-1].items[-1].nbytes <= bucket_bytes
 
 
+def test_manifest_plans_its_buckets_once_per_size_and_again_for_new_tensors():
+    m = P.WeightManifest.from_named_tensors(mixed_named())
+    first = m.buckets(50)
+    assert first == P.plan_buckets(m, 50)
+    assert m.buckets(50) is first  # the push's path reuses the plan
+    assert m.buckets(16) == P.plan_buckets(m, 16) and m.buckets(50) is first  # one plan per size
+    # model_copy shares the cache: a copy with other tensors must not be sent with this plan
+    fewer = m.model_copy(update={"tensors": m.tensors[:3]})
+    assert fewer.buckets(50) == P.plan_buckets(fewer, 50) != first
+
+
 def test_pack_unpack_round_trip_with_unaligned_offsets():
     named = mixed_named(1)
     m = P.WeightManifest.from_named_tensors(named)

@@ -74,9 +74,7 @@ def gather_groups(
 def bucket_groups(manifest, bucket_bytes: int) -> list[list[int]]:
     """The push's gather groups: exactly the parameters of each bucket of ``plan_buckets`` (see the module
     docstring for why they must line up)."""
-    from rollout_server.protocol import plan_buckets
-
-    return [[item.index for item in b.items] for b in plan_buckets(manifest, bucket_bytes)]
+    return [[item.index for item in b.items] for b in manifest.buckets(bucket_bytes)]
 
 
 def iter_full_tensors(
