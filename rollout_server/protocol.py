@@ -299,12 +299,24 @@ class WeightManifest(_Strict):
         """``plan_buckets(self, bucket_bytes)``, planned once: the trainer pushes the same manifest every step,
         and planning ~300 tensors cost ~0.5 ms before the push's first byte. A manifest is not edited in place;
         one whose ``tensors`` were replaced (``model_copy(update=...)`` shares this cache) is planned again."""
-        cached = self._plans.get(bucket_bytes)
+        plans = self._plans
+        cached = plans.get(bucket_bytes)
         if cached is not None and cached[0] is self.tensors:
             return cached[1]
+        if any(tensors is not self.tensors for tensors, _ in plans.values()):
+            plans = (
+                self._plans
+            ) = {}  # a copy with other tensors: its own cache, so the two do not evict each other
         plan = plan_buckets(self, bucket_bytes)
-        self._plans[bucket_bytes] = (self.tensors, plan)
+        plans[bucket_bytes] = (self.tensors, plan)
         return plan
+
+    def __eq__(self, other: object) -> bool:
+        # The tensors only: pydantic's == also compares private attributes, so a manifest whose buckets were
+        # planned would differ from an equal one not yet planned (and an announced push would not be used).
+        if not isinstance(other, WeightManifest):
+            return NotImplemented
+        return self.tensors == other.tensors
 
     def mismatches(self, model: Mapping[str, tuple[str, list[int]]], limit: int = 5) -> list[str]:
         """Every way this manifest disagrees with a served model given as name -> (dtype, shape); empty when
@@ -434,11 +446,16 @@ class UpdateWeightsResponse(BaseModel):
     bytes: int = Field(..., description="Bytes received.")
     handshake_s: float = Field(
         ...,
-        description="From the request's arrival to the trainer's go. For a request sent ahead of the optimizer "
-        "step (the trainer's `sync/announced` = 1) this includes the step: it is the server's wait, not the "
-        "trainer's `sync/handshake_s` (from the push's start to the go, ~1 ms then).",
+        description="From the request's acceptance (manifest checked, update lock taken) to the trainer's go. "
+        "For a request sent ahead of the optimizer step (the trainer's `sync/announced` = 1) this includes the "
+        "step: it is the server's wait, not the trainer's `sync/handshake_s` (from the push's start to the go: "
+        "then ~1 ms plus gathering and packing the first bucket).",
     )
-    receive_s: float = Field(..., description="The buckets on the wire, as this server saw them.")
+    receive_s: float = Field(
+        ...,
+        description="The buckets on the wire, as this server saw them (vLLM's NCCL engine, which receives and "
+        "loads together: the whole update, and swap_s 0).",
+    )
     swap_s: float = Field(
         ..., description="Unpacking and loading them into the served model, after the wire."
     )

@@ -73,6 +73,9 @@ def test_manifest_plans_its_buckets_once_per_size_and_again_for_new_tensors():
     # model_copy shares the cache: a copy with other tensors must not be sent with this plan
     fewer = m.model_copy(update={"tensors": m.tensors[:3]})
     assert fewer.buckets(50) == P.plan_buckets(fewer, 50) != first
+    assert m.buckets(50) is first  # ... and it keeps its own plans
+    # equality is the tensors': a planned manifest equals an equal one not yet planned (announce vs push)
+    assert m == P.WeightManifest.from_named_tensors(mixed_named()) != fewer
 
 
 def test_pack_unpack_round_trip_with_unaligned_offsets():
