@@ -72,6 +72,9 @@ def accepted_update(
     found = req.manifest.mismatches(specs) + list(problems)
     if found:
         raise BadRequest("manifest: " + "; ".join(found), status=422)
+    # Planned now, before the "ok": a request sent ahead waits for its go with the plan made, so the receive
+    # is posted as soon as the go comes (a late post holds the trainer's first broadcast back).
+    req.manifest.buckets(req.bucket_bytes)
     if not lock.acquire(blocking=False):
         raise BadRequest("another weight update is in progress", status=409)
     try:

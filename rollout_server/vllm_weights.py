@@ -136,9 +136,6 @@ class VLLMWeightReceiver:
             bucket_problems.append(
                 f"bucket_bytes: {req.bucket_bytes} != {self.bucket_bytes} fixed by --weight-transfer-bucket-bytes"
             )
-        # Counted before the "ok" (the trainer packs its first bucket meanwhile), not after vLLM's load; the
-        # worker that receives plans the same buckets in its own process.
-        num_buckets = len(req.manifest.buckets(req.bucket_bytes))
         with accepted_update(
             req,
             store=self._store,
@@ -159,7 +156,8 @@ class VLLMWeightReceiver:
                 UpdateWeightsResponse(
                     version=req.version,
                     num_tensors=len(req.manifest.tensors),
-                    num_buckets=num_buckets,
+                    # planned by accepted_update before the "ok" (the worker plans them in its own process)
+                    num_buckets=len(req.manifest.buckets(req.bucket_bytes)),
                     bytes=req.manifest.total_bytes,
                     handshake_s=update.handshake_s,
                     # receive: the buckets on the wire; swap: pausing, loading into vLLM (its layer-wise reload,
