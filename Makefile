@@ -46,6 +46,7 @@ bench-logprobs: install
 
 bench-rollout: install
 	$(PY) scripts/bench_rollout.py
+	$(PY) scripts/bench_zero3_sync.py
 	$(PY) scripts/bench_vllm.py
 
 bench-train: install

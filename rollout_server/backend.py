@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from rollout_server.protocol import (
+    Bucket,
     Completion,
     GenerateRequest,
     InitWeightTransferRequest,
     InitWeightTransferResponse,
     UpdateWeightsRequest,
     UpdateWeightsResponse,
+    plan_buckets,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,11 +40,13 @@ class BadRequest(ValueError):
 
 @dataclass
 class AcceptedUpdate:
-    """What ``accepted_update`` hands the receive: the handshake's seconds, and ``done`` to call with the
-    response once the new weights serve (it reports them through the trainer's store, step 4 of
-    weight_transfer's handshake, and returns the response for the HTTP answer)."""
+    """What ``accepted_update`` hands the receive: the handshake's seconds, the manifest's buckets (planned
+    before the "ok"), and ``done`` to call with the response once the new weights serve (it reports them
+    through the trainer's store, step 4 of weight_transfer's handshake, and returns the response for the HTTP
+    answer)."""
 
     handshake_s: float
+    buckets: list[Bucket]
     done: Callable[[UpdateWeightsResponse], UpdateWeightsResponse]
 
 
@@ -74,7 +78,7 @@ def accepted_update(
         raise BadRequest("manifest: " + "; ".join(found), status=422)
     # Planned now, before the "ok": a request sent ahead waits for its go with the plan made, so the receive
     # is posted as soon as the go comes (a late post holds the trainer's first broadcast back).
-    req.manifest.buckets(req.bucket_bytes)
+    buckets = plan_buckets(req.manifest, req.bucket_bytes)
     if not lock.acquire(blocking=False):
         raise BadRequest("another weight update is in progress", status=409)
     try:
@@ -96,7 +100,7 @@ def accepted_update(
             server_report_done(store, req.sync_id, rank, res.model_dump_json())
             return res
 
-        yield AcceptedUpdate(handshake_s=time.monotonic() - t0, done=done)
+        yield AcceptedUpdate(handshake_s=time.monotonic() - t0, buckets=buckets, done=done)
     finally:
         lock.release()
 

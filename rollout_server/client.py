@@ -202,9 +202,7 @@ class SyncStats:
     num_tensors: int
     num_buckets: int
     seconds: float = 0.0  # whole push, as seen by the trainer
-    # push started -> the go (every server said ok; the first bucket is gathered and packed meanwhile). With
-    # `announced` the servers said ok during the optimizer step, so this is ~1 ms plus that first bucket; a
-    # server's own `handshake_s` is not this: it counts from the request's acceptance, so it includes the step.
+    # push started -> the go; not a server's own `handshake_s` (see UpdateWeightsResponse.handshake_s)
     handshake_s: float = 0.0
     send_s: float = 0.0  # packing + broadcasting every bucket
     copied_bytes: int = (

@@ -277,8 +277,8 @@ class WeightManifest(_Strict):
     """The ordered tensors of one weight update (the trainer sends them in this order)."""
 
     tensors: list[TensorSpec] = Field(..., min_length=1, max_length=MAX_TENSORS, description="In send order.")
-    # bucket_bytes -> (the tensors list it was planned from, its plan): see `buckets`
-    _plans: dict[int, tuple[list[TensorSpec], list[Bucket]]] = PrivateAttr(default_factory=dict)
+    # (the tensors list they were planned from, bucket_bytes -> plan): see `buckets`
+    _plans: tuple[list[TensorSpec], dict[int, list[Bucket]]] | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check(self) -> WeightManifest:
@@ -296,20 +296,16 @@ class WeightManifest(_Strict):
         return sum(t.nbytes for t in self.tensors)
 
     def buckets(self, bucket_bytes: int) -> list[Bucket]:
-        """``plan_buckets(self, bucket_bytes)``, planned once: the trainer pushes the same manifest every step,
-        and planning ~300 tensors cost ~0.5 ms before the push's first byte. A manifest is not edited in place;
-        one whose ``tensors`` were replaced (``model_copy(update=...)`` shares this cache) is planned again."""
-        plans = self._plans
-        cached = plans.get(bucket_bytes)
-        if cached is not None and cached[0] is self.tensors:
-            return cached[1]
-        if any(tensors is not self.tensors for tensors, _ in plans.values()):
-            plans = (
-                self._plans
-            ) = {}  # a copy with other tensors: its own cache, so the two do not evict each other
-        plan = plan_buckets(self, bucket_bytes)
-        plans[bucket_bytes] = (self.tensors, plan)
-        return plan
+        """``plan_buckets(self, bucket_bytes)``, kept for the next call with the same size: the trainer pushes
+        the same manifest every step, and planning ~300 tensors cost ~0.5 ms before the push's first byte. A
+        manifest is not edited in place; one whose ``tensors`` were replaced (``model_copy(update=...)``) is
+        planned again."""
+        plans = self._plans[1] if self._plans is not None and self._plans[0] is self.tensors else {}
+        if bucket_bytes not in plans:
+            # Replaced, never changed in place: a copy (model_copy shares private values) keeps its own.
+            plans = {**plans, bucket_bytes: plan_buckets(self, bucket_bytes)}
+            self._plans = (self.tensors, plans)
+        return plans[bucket_bytes]
 
     def __eq__(self, other: object) -> bool:
         # The tensors only: pydantic's == also compares private attributes, so a manifest whose buckets were

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from rollout_server.backend import Backend, BackendInfo, BadRequest, accepted_update
+from rollout_server.backend import AcceptedUpdate, Backend, BackendInfo, BadRequest, accepted_update
 from rollout_server.protocol import (
     Completion,
     GenerateRequest,
@@ -188,14 +188,14 @@ class TorchBackend(Backend):
             specs=self.specs,
             lock=self._update_lock,
         ) as update:
-            return update.done(self._receive_and_swap(group, req, update.handshake_s))
+            return update.done(self._receive_and_swap(group, req, update))
 
     def _receive_and_swap(
-        self, group: TransferGroup, req: UpdateWeightsRequest, handshake_s: float
+        self, group: TransferGroup, req: UpdateWeightsRequest, update: AcceptedUpdate
     ) -> UpdateWeightsResponse:
         t1 = time.monotonic()
         deadline = t1 + req.timeout_s
-        buckets = req.manifest.buckets(req.bucket_bytes)
+        buckets = update.buckets
         staging: list[tuple[str, torch.Tensor]] = []  # views into the received buckets
         received: list[torch.Tensor] = []
 
@@ -234,7 +234,7 @@ class TorchBackend(Backend):
             num_tensors=len(req.manifest.tensors),
             num_buckets=len(buckets),
             bytes=nbytes,
-            handshake_s=handshake_s,
+            handshake_s=update.handshake_s,
             receive_s=t2 - t1,
             swap_s=t3 - t2,
         )

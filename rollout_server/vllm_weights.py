@@ -156,8 +156,7 @@ class VLLMWeightReceiver:
                 UpdateWeightsResponse(
                     version=req.version,
                     num_tensors=len(req.manifest.tensors),
-                    # planned by accepted_update before the "ok" (the worker plans them in its own process)
-                    num_buckets=len(req.manifest.buckets(req.bucket_bytes)),
+                    num_buckets=len(update.buckets),  # the worker plans the same in its own process
                     bytes=req.manifest.total_bytes,
                     handshake_s=update.handshake_s,
                     # receive: the buckets on the wire; swap: pausing, loading into vLLM (its layer-wise reload,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -380,6 +381,12 @@ def send_buckets(
     return copied
 
 
+# first_signs' naps double up to a cap that grows with the wait: (waited less than, seconds). Short waits stay
+# short: a local server's "ok" or "done" comes within a few ms, and naps of up to 1 ms saw a "done" 1.8 ms
+# (median) after it was written; a long wait (a vLLM reload, ~0.5 s) does not ask the store a thousand times.
+_NAP_CAPS = ((0.01, 2.5e-4), (0.05, 1e-3), (math.inf, 5e-3))
+
+
 def first_signs(
     store: dist.Store, keys: list[str], answers: list, deadline: float
 ) -> list[tuple[bytes | None, object | None]]:
@@ -399,11 +406,8 @@ def first_signs(
             if time.monotonic() > deadline:
                 break
             time.sleep(nap)
-            # Short waits stay short: a local server's "ok" or "done" comes within a few ms, and naps of up to
-            # 1 ms saw a "done" 1.8 ms (median) after it was written. A long wait (a vLLM reload, ~0.5 s) does
-            # not ask the store a thousand times.
             waited = time.monotonic() - start
-            nap = min(nap * 2, 2.5e-4 if waited < 0.01 else 1e-3 if waited < 0.05 else 5e-3)
+            nap = min(nap * 2, next(cap for until, cap in _NAP_CAPS if waited < until))
     return [signs.get(i, (None, None)) for i in range(len(keys))]
 
 

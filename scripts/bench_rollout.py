@@ -132,6 +132,17 @@ def bench_generation(args) -> list[tuple[str, str, str]]:
     return rows
 
 
+def med(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def ratios(xs: list[float], base: list[float]) -> str:
+    """best / median / paired: the last is the median of each repeat's own ratio. The two sides of a repeat ran
+    back to back, so it is the figure the machine's drift between repeats moves least."""
+    paired = med([x / b for x, b in zip(xs, base, strict=True)])
+    return f"{min(xs) / min(base):.2f}x / {med(xs) / med(base):.2f}x / {paired:.2f}x"
+
+
 # ---- 2. weight sync -----------------------------------------------------------------------------------------
 def broadcast_in_pieces(group, buf: torch.Tensor, sizes: list[int]) -> None:
     """Broadcast ``buf`` as consecutive slices of ``sizes`` bytes (a push's buckets), one collective each."""
@@ -139,6 +150,16 @@ def broadcast_in_pieces(group, buf: torch.Tensor, sizes: list[int]) -> None:
     for n in sizes:
         group.broadcast(buf[offset : offset + n])
         offset += n
+
+
+def time_raw_pair(group, buf: torch.Tensor, sizes: list[int]) -> tuple[float, float]:
+    """Seconds of one broadcast of the whole ``buf``, then of the same bytes in ``sizes`` pieces (the raw
+    receiver takes them in this order)."""
+    t0 = time.perf_counter()
+    group.broadcast(buf)
+    t1 = time.perf_counter()
+    broadcast_in_pieces(group, buf, sizes)
+    return t1 - t0, time.perf_counter() - t1
 
 
 def raw_receive(addr: str, port: int, nbytes: int, repeats: int, pieces: list[list[int]]) -> None:
@@ -162,6 +183,17 @@ def start_raw_receiver(port: int, nbytes: int, repeats: int, pieces: list[list[i
     )
     argv = [sys.executable, "-c", code, "127.0.0.1", str(port), str(nbytes), str(repeats), json.dumps(pieces)]
     return subprocess.Popen(argv, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def stop_procs(*procs: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """Terminate the bench's helper processes that still run (killed after ``grace_s``)."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def start_server(
@@ -265,14 +297,6 @@ def bench_sync(args) -> list[tuple[str, str, str, str]]:
     pieces = [[b.nbytes for b in plan_buckets(manifest, bucket)] for bucket in buckets]
     receiver = start_raw_receiver(raw_port, nbytes, args.repeats, pieces)
     rows = []
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-
-    def ratios(xs: list[float], base: list[float]) -> str:
-        """best / median / paired: the last is the median of each repeat's own ratio. The two sides of a repeat
-        ran back to back, so it is the figure the machine's drift between repeats moves least."""
-        paired = med([x / b for x, b in zip(xs, base, strict=True)])
-        return f"{min(xs) / min(base):.2f}x / {med(xs) / med(base):.2f}x / {paired:.2f}x"
-
     try:
         raw_group = join_group(open_store("127.0.0.1", raw_port, True, 60), "127.0.0.1", 0, 2, "gloo", 300)
         raw_buf = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)  # [nbytes]
@@ -283,22 +307,14 @@ def bench_sync(args) -> list[tuple[str, str, str, str]]:
             version += 1
             sync.push(manifest, tensors(buckets[0]), version=version, bucket_bytes=buckets[0])
         for bucket, sizes in zip(buckets, pieces, strict=True):
-            raw_t: list[float] = []
-            raw_pieces_t: list[float] = []
+            raw_pairs: list[tuple[float, float]] = []
             runs: dict[str, list] = {name: [] for name, _, _ in variants}
             for r in range(args.repeats):
                 # Odd repeats run the pushes first, in reverse order: what runs first after another kind of
                 # work was up to 15% slower here, and no row should always be the one that pays it.
-                for item in [None, *variants] if r % 2 == 0 else [*variants[::-1], None]:
-                    if item is None:  # the two raw broadcasts (the receiver takes them in this order)
-                        t0 = time.perf_counter()
-                        raw_group.broadcast(raw_buf)
-                        raw_t.append(time.perf_counter() - t0)
-                        t0 = time.perf_counter()
-                        broadcast_in_pieces(raw_group, raw_buf, sizes)
-                        raw_pieces_t.append(time.perf_counter() - t0)
-                        continue
-                    name, tensors, announced = item
+                if r % 2 == 0:
+                    raw_pairs.append(time_raw_pair(raw_group, raw_buf, sizes))
+                for name, tensors, announced in variants if r % 2 == 0 else variants[::-1]:
                     version += 1
                     if announced:
                         announce_then_step(sync, manifest, version, bucket)
@@ -311,6 +327,10 @@ def bench_sync(args) -> list[tuple[str, str, str, str]]:
                             tensors_stay=not name.startswith("zero3"),  # as the trainer passes it
                         )
                     )
+                if r % 2 == 1:
+                    raw_pairs.append(time_raw_pair(raw_group, raw_buf, sizes))
+            raw_t = [whole for whole, _ in raw_pairs]
+            raw_pieces_t = [in_buckets for _, in_buckets in raw_pairs]
             rows.append(
                 (
                     f"raw gloo broadcast of {nbytes / 1e6:.1f} MB (1 buffer)",
@@ -345,13 +365,7 @@ def bench_sync(args) -> list[tuple[str, str, str, str]]:
         sync.close()
         receiver.wait(timeout=120)
     finally:
-        for p in (receiver, server):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop_procs(receiver, server)
     return rows
 
 

@@ -39,6 +39,7 @@ from bench_rollout import (  # noqa: E402
     random_qwen2,
     start_raw_receiver,
     start_server,
+    stop_procs,
 )
 
 
@@ -181,13 +182,7 @@ def bench_sync_into_vllm(args, model_dir: Path) -> list[str]:
         sync.close()
         receiver.wait(timeout=120)
     finally:
-        for p in (receiver, proc):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop_procs(receiver, proc, grace_s=60)
     med = statistics.median
 
     def row(what: str, v: list[float], ratio: bool = True) -> str:

@@ -38,8 +38,19 @@ TABLE = [
     ("<reasoning>r</reasoning><answer>$1,000.00</answer>", "1000", True, True, True),
     ("<reasoning>r</reasoning><answer>The total is 1,000.</answer>", "1000", True, True, True),
     ("<reasoning>r</reasoning><answer>-5</answer>", "-5", True, True, True),
-    # Subtraction is not a negative number.
+    # Subtraction is not a negative number, spaced or not; a minus touching the number is a sign.
     ("<reasoning>r</reasoning><answer>10-2</answer>", "8", False, False, True),
+    ("The answer is 10 - 3", "-3", False, False, False),
+    ("so the change is -3", "-3", False, True, False),
+    ("it costs -$ 18", "-18", False, True, False),
+    # Two whole blocks are not "exactly one" (a lazy .*? across lines used to span both).
+    (
+        "<reasoning>a</reasoning><answer>5</answer><reasoning>b</reasoning><answer>18</answer>",
+        "18",
+        True,
+        True,
+        False,
+    ),
     # The LAST answer block counts for STRICT.
     ("<answer>17</answer><answer>18</answer>", "18", True, True, False),
     # Text before the reasoning block breaks the format but not correctness.

@@ -6,7 +6,9 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
+import torch
 
 from trainer.rewards import (
     REFERENCE_REWARDS,
@@ -36,13 +38,19 @@ CASES = [
     ("perfect", R("48/2 = 24", "72"), "72", dict(correctness=2.0, integer=0.5, strict_format=0.5, soft_format=0.5, xml_count=0.5)),
     ("correct_but_untagged", "72", "72", dict(correctness=0, integer=0, strict_format=0, soft_format=0, xml_count=0)),
     ("tagged_but_wrong", R("x", "71"), "72", dict(correctness=0, integer=0.5, strict_format=0.5, soft_format=0.5, xml_count=0.5)),
-    ("empty_answer_empty_gold", R("x", ""), "", dict(correctness=0, integer=0, strict_format=0.5, soft_format=0.5, xml_count=0.5)),
-    ("empty_answer_tags_inline", "<reasoning>x</reasoning><answer></answer>", "", dict(correctness=0, integer=0, strict_format=0, soft_format=0.5, xml_count=0)),
+    # An empty answer earns no format reward (the reference gave it strict and soft format: 1.5 in all, as much
+    # as a wrong answer); the tag count still counts the tags.
+    ("empty_answer_empty_gold", R("x", ""), "", dict(correctness=0, integer=0, strict_format=0, soft_format=0, xml_count=0.5)),
+    ("empty_answer_tags_inline", "<reasoning>x</reasoning><answer></answer>", "", dict(correctness=0, integer=0, strict_format=0, soft_format=0, xml_count=0)),
+    ("blank_answer", R("x", "   "), "72", dict(correctness=0, integer=0, strict_format=0, soft_format=0, xml_count=0.5)),
     ("commas_and_dollars", R("x", "$1,200"), "1200", dict(correctness=0, integer=0, strict_format=0.5, soft_format=0.5, xml_count=0.5)),
     # 'Thanks!' is 7 characters: both reference penalties are 0.007.
     ("trailing_text", R("r", "72", tail="\nThanks!"), "72", dict(correctness=2.0, integer=0.5, strict_format=0, soft_format=0.5, xml_count=0.5 - 0.007 - 0.007)),
-    # <reasoning>\n occurs twice (no credit); \n</reasoning>\n counts once (str.count does not overlap).
-    ("nested_tags", NESTED, "5", dict(correctness=2.0, integer=0.5, strict_format=0.5, soft_format=0.5, xml_count=0.375)),
+    # <reasoning>\n occurs twice (no credit); \n</reasoning>\n counts once (str.count does not overlap). Nested
+    # blocks are not the strict layout; the soft one (from the start, lazily) still matches.
+    ("nested_tags", NESTED, "5", dict(correctness=2.0, integer=0.5, strict_format=0, soft_format=0.5, xml_count=0.375)),
+    # Two whole blocks: with DOTALL a plain .*? in the strict pattern ran across both. Every tag occurs twice.
+    ("two_blocks", R("a", "5") + R("b", "18"), "18", dict(correctness=2.0, integer=0.5, strict_format=0, soft_format=0.5, xml_count=0)),
     # The reference (no DOTALL) gave 0 for both format rewards here.
     ("multi_line_reasoning", R("line 1\nline 2\nline 3", "9"), "9", dict(correctness=2.0, integer=0.5, strict_format=0.5, soft_format=0.5, xml_count=0.5)),
     # No \n</answer>\n: the first penalty measures the whole text (38 chars); the answer tag is unclosed.
@@ -50,7 +58,9 @@ CASES = [
     # 48 chars, nothing after \n</answer>: -0.048 and +0.001 (reference quirks).
     ("no_final_newline", NO_FINAL_NEWLINE, "72", dict(correctness=2.0, integer=0.5, strict_format=0, soft_format=0.5, xml_count=0.5 - 0.048 + 0.001)),
     ("answer_with_spaces", R("x", "  72  "), "72", dict(correctness=2.0, integer=0.5, strict_format=0.5, soft_format=0.5, xml_count=0.5)),
-    ("negative_number", R("x", "-3"), "-3", dict(correctness=2.0, integer=0, strict_format=0.5, soft_format=0.5, xml_count=0.5)),
+    # A negative integer is an integer (the reference's str.isdigit said no).
+    ("negative_number", R("x", "-3"), "-3", dict(correctness=2.0, integer=0.5, strict_format=0.5, soft_format=0.5, xml_count=0.5)),
+    ("minus_alone", R("x", "-"), "-3", dict(correctness=0, integer=0, strict_format=0.5, soft_format=0.5, xml_count=0.5)),
     ("none", None, "72", dict(correctness=0, integer=0, strict_format=0, soft_format=0, xml_count=0)),
     ("empty_string", "", "72", dict(correctness=0, integer=0, strict_format=0, soft_format=0, xml_count=0)),
     ("gold_missing", R("x", "72"), None, dict(correctness=0, integer=0.5, strict_format=0.5, soft_format=0.5, xml_count=0.5)),
@@ -203,6 +213,18 @@ def test_raising_reward_is_caught_and_counted():
     assert s.failures == {"flaky": 1, "bad": 2, "correctness": 0}
     rs(None, ["boom"], gold=["1"])
     assert rs.failures["flaky"] == 2
+
+    # numpy's scalars and one-element tensors count, as TRL takes them; bools of any library, complex numbers
+    # and a huge int do not
+    others = [np.float32(0.5), np.int64(2), torch.tensor(1.5), torch.tensor([1.0, 2.0]), True, np.True_]
+    others += [torch.tensor(True), np.complex64(1), 10**400]
+
+    def other_numbers(prompts, completions, **kw):
+        return others[: len(completions)]
+
+    safe = SafeReward(other_numbers)
+    assert safe(None, list("abcdefghi")) == [0.5, 2.0, 1.5] + [0.0] * 6
+    assert safe.failures == 6
 
     def wrong_length(prompts, completions, **kw):
         return [1.0]

@@ -28,12 +28,15 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
 # A number as written in GSM8K answers and model outputs: sign, thousands separators, decimals.
-# A minus counts only when it is not a subtraction ("16-3" is 16 and 3, not 16 and -3).
-_NUMBER_RE = re.compile(r"(?:(?<![\w)])-)?\$?\s?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+# A minus is a sign only when it touches the number and not the word before it: "16-3" and "10 - 3" are
+# subtractions (16 and 3; 10 and 3), "is -3", "-$18" and "-$ 18" are negative.
+_NUMBER_RE = re.compile(r"(?:(?<![\w)])-(?=\d|\$\s?\d))?\$?\s?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-# The whole completion: a reasoning block, then an answer block, nothing before or after but spaces.
+# The whole completion: a reasoning block, then an answer block, nothing before or after but spaces. Neither
+# block may contain a tag of the layout, so two blocks in a row (or nested ones) are not "exactly one".
 _FORMAT_RE = re.compile(
-    r"^\s*<(reasoning|think)>.*?</\1>\s*<answer>(?:(?!<answer>).)*?</answer>\s*$",
+    r"^\s*<(reasoning|think)>(?:(?!</?(?:reasoning|think|answer)>).)*?</\1>\s*"
+    r"<answer>(?:(?!</?(?:reasoning|think|answer)>).)*?</answer>\s*$",
     re.DOTALL,
 )
 
