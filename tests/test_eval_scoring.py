@@ -8,6 +8,7 @@ from itertools import combinations
 import pytest
 
 from trainer.eval_scoring import (
+    answer_block,
     bootstrap_interval,
     is_well_formatted,
     last_number,
@@ -77,6 +78,10 @@ def test_numbers():
     assert score_completion("<answer>18</answer>", "18").strict_answer == "18"
     assert score_completion("<answer>18.00</answer>", "18").strict_answer == "18"
     assert not is_well_formatted("<reasoning>a</reasoning><answer>1</answer><answer>2</answer>")
+    # A block's content never holds "<answer>": the innermost block counts (one linear scan, however many
+    # unclosed tags come before it).
+    assert answer_block("<answer>a<answer>b</answer>") == "b"
+    assert answer_block("<answer>" * 4096) is None
 
 
 def _pass_at_k_by_enumeration(n: int, c: int, k: int) -> float:
