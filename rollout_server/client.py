@@ -438,9 +438,10 @@ class WeightSyncClient:
         of `tensors`.
 
         `bucket_bytes` defaults to what the servers require (vLLM) or 64 MiB. `tensors_stay`: the tensors'
-        memory stays valid and unchanged until the push returns (a model's own parameters), so a bucket
-        sent straight from it may still be on the wire while the next one starts. Leave it False for
-        tensors that the iterator frees or reuses as it advances (ZeRO-3's gathered parameters).
+        memory stays valid and unchanged until the push returns (a model's own parameters), or at least
+        until the iterator has yielded `MAX_BUCKETS_IN_FLIGHT` more buckets (the trainer's ZeRO-3 gather,
+        whose buffers are reused in turn), so a bucket sent straight from it may still be on the wire while
+        the next one starts. Leave it False for tensors that the iterator frees or reuses sooner.
         """
         bucket_bytes = bucket_bytes or self.default_bucket_bytes
         group = self._require_group("push")

@@ -348,6 +348,12 @@ def iter_packed_buckets(
         raise WeightTransferError("more tensors than the manifest declares")
 
 
+# Buckets ``send_buckets`` keeps on the wire at once: it waits for bucket k before it asks for bucket k + 2. A
+# producer that reuses its buffers (the ZeRO-3 gather, ``trainer.weight_sync.iter_full_tensors``) keeps this
+# many in turn, so a bucket's buffer is refilled only after it was sent.
+MAX_BUCKETS_IN_FLIGHT = 2
+
+
 def send_buckets(
     group: TransferGroup,
     buckets: Iterable[tuple[torch.Tensor, bool]],
@@ -357,8 +363,8 @@ def send_buckets(
 ) -> int:
     """Broadcast every (buffer, borrowed) of ``iter_packed_buckets``; returns the bytes that were packed.
 
-    Pipelined: bucket k is on the wire while bucket k+1 is gathered and packed (at most two in flight, which
-    the packer's two slots allow). A borrowed bucket views the caller's own tensors: unless they stay put
+    Pipelined: bucket k is on the wire while bucket k+1 is gathered and packed (at most
+    ``MAX_BUCKETS_IN_FLIGHT`` = 2 in flight, which the packer's two slots allow). A borrowed bucket views the caller's own tensors: unless they stay put
     until the push ends (``tensors_stay``), it must be sent before the iterator moves on and may free them.
     """
 

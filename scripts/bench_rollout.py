@@ -12,8 +12,8 @@
    tensor, as `from_pretrained` leaves them: every bucket is packed, i.e. copied), `flat` (views of one
    flat buffer, the layout DeepSpeed ZeRO-1/2 gives the trainer's parameters: buckets are sent from the
    parameters' own memory, no copy; the trainer reports it as `sync/copied_bytes` = 0) and `zero3` (a real
-   one-rank DeepSpeed ZeRO-3 engine: each bucket's parameters are all-gathered, then packed, as the trainer
-   pushes under ZeRO-3; `--skip-zero3` leaves it out). `flat, announced` and `zero3, announced` push those
+   one-rank DeepSpeed ZeRO-3 engine: each bucket's partitions are gathered into one flat buffer that is sent
+   as is, as the trainer pushes under ZeRO-3; `--skip-zero3` leaves it out). `flat, announced` and `zero3, announced` push those
    layouts as the training loop does: its update requests are sent before the optimizer step (here a 50 ms
    wait), so the push is timed from the go.
 
@@ -231,8 +231,8 @@ def flat_copy(named: list) -> list:
 
 def zero3_layout(model_dir: Path, named: list):
     """The same model under DeepSpeed ZeRO-3 (one rank over gloo, as the trainer builds it), and a function
-    giving, for a bucket size, the trainer's own push iterator: each bucket's parameters gathered, then yielded
-    as gathered (`trainer.weight_sync.iter_full_tensors`, as `WeightSync` calls it)."""
+    giving, for a bucket size, the trainer's own push iterator: each bucket's partitions gathered into one flat
+    buffer, then yielded from it (`trainer.weight_sync.iter_full_tensors`, as `WeightSync` calls it)."""
     import torch.distributed as dist
 
     from rollout_server.protocol import WeightManifest
@@ -254,10 +254,11 @@ def zero3_layout(model_dir: Path, named: list):
         "ZeRO-3 model's parameters differ from the manifest"
     )
     manifest = WeightManifest.from_named_tensors(named)
+    slots: list = []  # kept from push to push, as `WeightSync` keeps them
 
     def tensors(bucket_bytes: int):
         groups = bucket_groups(manifest, bucket_bytes)
-        return iter_full_tensors(params, True, groups, None, send=True, copy=False)
+        return iter_full_tensors(params, True, groups, None, send=True, copy=False, slots=slots)
 
     return tensors
 
@@ -324,7 +325,7 @@ def bench_sync(args) -> list[tuple[str, str, str, str]]:
                             tensors(bucket),
                             version=version,
                             bucket_bytes=bucket,
-                            tensors_stay=not name.startswith("zero3"),  # as the trainer passes it
+                            tensors_stay=True,  # as the trainer passes it
                         )
                     )
                 if r % 2 == 1:

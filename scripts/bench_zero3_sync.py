@@ -1,18 +1,21 @@
 """Benchmark the weight push from a multi-rank DeepSpeed ZeRO-3 trainer and print a markdown table.
 
 `scripts/bench_rollout.py` pushes from one rank. With more ranks the push cannot be a broadcast alone: each
-bucket's parameters are first all-gathered across the trainer's ranks (DeepSpeed's `GatheredParameters`,
-`trainer.weight_sync.iter_full_tensors`), then rank 0 packs them and broadcasts them to a real
-`python -m rollout_server` process (torch backend, gloo). So besides the raw broadcast of the same bytes,
-each push is compared with the collectives it cannot avoid: a raw all-gather of the model's bytes across
-the ranks (warm buffers, one call), then the raw broadcast.
+bucket's partitions are first gathered to rank 0 (`trainer.weight_sync.iter_full_tensors`, point-to-point
+sends), which then broadcasts the bucket to a real `python -m rollout_server` process (torch backend, gloo).
+So besides the raw broadcast of the same bytes, each push is compared with the collectives it cannot avoid
+(`collectives`: each rank's share of the model's bytes sent to rank 0 into warm memory, one send per rank,
+then the raw broadcast), and with the push as it was before session 14: each bucket gathered by DeepSpeed's
+`GatheredParameters`, an all-gather to every rank, then packed (`deepspeed_tensors` below keeps that
+iterator for the comparison). `raw all-gather` is one all-gather of the same bytes, what that way needed.
 
 Per repeat, in an order reversed every other repeat (the first repeat is a warm-up and is dropped):
-`collectives` (the all-gather, then rank 0's broadcast to a receiver process, each timed), `gather alone`
-(every rank drains the push's iterator, nothing is sent), `push` and `push, announced` (its update requests
-sent 50 ms ahead, as the training loop sends them before the optimizer step). A push is timed as
-`bench_rollout.py` times one (`SyncStats.seconds`): from the call, once the previous push's requests are
-settled (the announced push's went out before it), through the servers' "done".
+`collectives` (the sends to rank 0, then rank 0's broadcast to a receiver process, each timed; then the
+all-gather), `gather alone` (every rank drains the push's iterator, nothing is sent), the same through
+DeepSpeed, `push` and `push, announced` (its update requests sent 50 ms ahead, as the training loop sends
+them before the optimizer step), and `push, DeepSpeed all-gather`. A push is timed as `bench_rollout.py` times one
+(`SyncStats.seconds`): from the call, once the previous push's requests are settled (the announced push's
+went out before it), through the servers' "done".
 
     python scripts/bench_zero3_sync.py                 # 2 ranks, 256 and 8 MiB buckets, ~80 MB model
     python scripts/bench_zero3_sync.py --ranks 2 --buckets-mib 256 --repeats 20
@@ -48,7 +51,29 @@ from scripts.bench_rollout import (  # noqa: E402
     stop_procs,
 )
 
-ROWS = ("raw broadcast", "raw all-gather", "collectives", "gather alone", "push", "push, announced")
+ROWS = (
+    "raw broadcast",
+    "raw to rank 0",
+    "raw all-gather",
+    "collectives",
+    "gather alone",
+    "gather alone, DeepSpeed",
+    "push",
+    "push, announced",
+    "push, DeepSpeed all-gather",
+)
+
+
+def deepspeed_tensors(params, groups: list[list[int]], send: bool):
+    """The push's iterator before session 14: DeepSpeed all-gathers each bucket's parameters to every rank
+    and the sender gets them as gathered (valid until the next bucket is asked for, so the push packs them)."""
+    import deepspeed
+
+    for group in groups:
+        with deepspeed.zero.GatheredParameters([params[i][1] for i in group], modifier_rank=None):
+            for i in group:
+                if send:
+                    yield params[i][0], params[i][1].detach()
 
 
 def rank_main(args) -> None:
@@ -81,6 +106,7 @@ def rank_main(args) -> None:
     gathered = torch.empty(ranks * shard.numel())  # [~nbytes / 4]
     version = 0
     server = receiver = sync = raw_group = raw_buf = None
+    slots: list = []  # the gather's buffers, kept from push to push as `WeightSync` keeps them
 
     def run(item: str, bucket: int, groups: list[list[int]]) -> dict[str, float]:
         """One item of a repeat, on every rank; returns its row(s) and seconds."""
@@ -88,20 +114,42 @@ def rank_main(args) -> None:
         dist.barrier()
         if item == "collectives":
             t0 = time.perf_counter()
-            dist.all_gather_into_tensor(gathered, shard)
+            if rank == 0:  # every other rank's share, point to point, into warm memory (as the push gathers)
+                rows = gathered.view(ranks, -1)
+                rows[0].copy_(shard)
+                for work in dist.batch_isend_irecv(
+                    [dist.P2POp(dist.irecv, rows[q], q) for q in range(1, ranks)]
+                ):
+                    work.wait()
+            else:
+                dist.send(shard, 0)
             t1 = time.perf_counter()
             if rank == 0:
                 raw_group.broadcast(raw_buf)
             t2 = time.perf_counter()
-            return {"raw all-gather": t1 - t0, "raw broadcast": t2 - t1, "collectives": t2 - t0}
-        tensors = iter_full_tensors(params, True, groups, None, send=rank == 0, copy=False)
-        if rank == 0 and item != "gather alone":
+            dist.barrier()
+            t3 = time.perf_counter()
+            dist.all_gather_into_tensor(gathered, shard)  # what DeepSpeed's gather runs, for reference
+            t4 = time.perf_counter()
+            return {
+                "raw to rank 0": t1 - t0,
+                "raw broadcast": t2 - t1,
+                "collectives": t2 - t0,
+                "raw all-gather": t4 - t3,
+            }
+        if "DeepSpeed" in item:
+            tensors = deepspeed_tensors(params, groups, send=rank == 0)
+        else:
+            tensors = iter_full_tensors(params, True, groups, None, send=rank == 0, copy=False, slots=slots)
+        if rank == 0 and not item.startswith("gather alone"):
             version += 1
             if item == "push, announced":
                 announce_then_step(sync, manifest, version, bucket)
             # Timed as bench_rollout times a push (`SyncStats.seconds`): an announced push from the go, the other
             # from after the previous push's requests are settled, through the servers' "done".
-            stats = sync.push(manifest, tensors, version=version, bucket_bytes=bucket, tensors_stay=False)
+            # as the trainer passes it; DeepSpeed's gathered tensors are freed as its iterator advances
+            stay = "DeepSpeed" not in item
+            stats = sync.push(manifest, tensors, version=version, bucket_bytes=bucket, tensors_stay=stay)
             return {item: stats.seconds}
         t0 = time.perf_counter()
         for _ in tensors:  # a push's gathers on the other ranks, or the gathers alone
@@ -122,7 +170,7 @@ def rank_main(args) -> None:
         for bucket in buckets:
             groups = bucket_groups(manifest, bucket)
             times: dict[str, list[float]] = {row: [] for row in ROWS}
-            items = ["collectives", "gather alone", "push", "push, announced"]
+            items = [row for row in ROWS if not row.startswith("raw")]
             for r in range(args.repeats + 1):
                 for item in items if r % 2 == 0 else items[::-1]:
                     for row, seconds in run(item, bucket, groups).items():
@@ -134,7 +182,7 @@ def rank_main(args) -> None:
                     f"{nbytes / 1e6:.1f} MB, {args.repeats} repeats\n"
                 )
                 print(
-                    "| what | best / median | vs raw broadcast (best / median / paired) | vs all-gather + "
+                    "| what | best / median | vs raw broadcast (best / median / paired) | vs to rank 0 + "
                     "broadcast (best / median / paired) |\n|---|---|---|---|"
                 )
                 for row, xs in times.items():

@@ -1,101 +1,137 @@
-"""The weight push's ZeRO-3 gather (``trainer.weight_sync.iter_full_tensors``) on a real one-rank DeepSpeed
-ZeRO-3 engine over gloo, in a child process (it initialises torch.distributed).
+"""The weight push's ZeRO-3 gather (``trainer.weight_sync.iter_full_tensors``) on real DeepSpeed ZeRO-3 engines
+over gloo, one rank and three, in child processes (they initialise torch.distributed).
 
-Buckets smaller than the embedding hold it alone, and DeepSpeed gathers a lone parameter through its
-per-parameter path, a real all-gather even on one rank (37 ms for a 33 MB embedding against 0.1 ms through the
-coalesced path). The push therefore gathers a lone partitioned parameter together with a small partitioned
-companion. Checked here, before and after a real training step (after which ZeRO-3 keeps its small
-"persistent" parameters gathered, so a bucket can hold one partitioned parameter among gathered ones): with
-every parameter in a bucket of its own, and in pairs, the tensors come out in order, equal to the saved
-weights (before) or to a one-bucket gather (after), the companion is never yielded, no parameter is left in
-flight, and DeepSpeed's per-parameter gather is not called at all.
+The push gathers each bucket's partitions to rank 0 itself, reading DeepSpeed's partition layout, instead of
+DeepSpeed's all-gather. So it is checked against DeepSpeed's own ``GatheredParameters`` on every rank, before
+and after real training steps (after a step ZeRO-3 keeps its small "persistent" parameters gathered, and the
+partitions are what the optimizer wrote): with every parameter in a bucket of its own, in pairs and in one
+bucket, rank 0 gets every tensor in order and equal to DeepSpeed's, the other rank gets none, a bucket's
+tensors lie back to back (the push sends them without packing), with reused buffers a bucket's tensors are
+still intact when the next bucket has been gathered (the push keeps two buckets on the wire), a cast to
+another dtype is exact, no parameter is left gathered or in flight, and a receiving rank other than the first
+is refused.
 """
 
 from __future__ import annotations
 
-from tests.trainer_support import REPO, run_one_rank_child
+import pytest
+
+from tests.trainer_support import REPO, run_rank_children
 
 CHILD = r"""
-import json, random, sys
+import datetime, json, random, sys
+import deepspeed
 import torch, torch.distributed as dist
-from deepspeed.runtime.zero.partition_parameters import Init, ZeroParamStatus
-from transformers import AutoModelForCausalLM
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from trainer.config import load_config
 from trainer.engine_setup import build_engine
 from trainer.update_stage import TrainBatch, TrainRow, UpdateStage
 from trainer.weight_sync import iter_full_tensors, named_hf_parameters
 
 model_dir, config = sys.argv[1], sys.argv[2]
-dist.init_process_group("gloo")
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+rank, ranks = dist.get_rank(), dist.get_world_size()
 cfg = load_config(config, [f"model.name_or_path={model_dir}", "deepspeed.zero_stage=3", "model.dtype=float32"])
 engine, _, _ = build_engine(cfg, model_dir, 1, 10)
 params = named_hf_parameters(engine.module.model)
 n = len(params)
-saved = {k: v.detach() for k, v in AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).named_parameters()}
+statuses = lambda: [p.ds_status for _, p in params]
 
-sequential_calls = []
-original = Init._allgather_params_sequential
-def spy(self, param_list, *args, **kwargs):
-    sequential_calls.append(len(param_list))
-    return original(self, param_list, *args, **kwargs)
-Init._allgather_params_sequential = spy
+def deepspeed_gather():
+    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+        return {name: p.detach().clone() for name, p in params}
 
-def gather(groups):
-    sequential_calls.clear()
-    pairs = list(iter_full_tensors(params, True, groups, None, send=True, copy=True))
-    out = dict(pairs)
+def check(groups, copy, dtype=None, slots=None):
+    reference = deepspeed_gather()
+    before = statuses()
+    ref_dtype = lambda m: reference[m].to(dtype) if dtype is not None else reference[m]
+    got, differ, intact, adjacent = [], [], True, True
+    index = {i: k for k, g in enumerate(groups) for i in g}
+    it = iter_full_tensors(params, True, groups, dtype, send=rank == 0, copy=copy, slots=slots)
+    for name, t in it:
+        got.append((name, t))
+        if t.dtype != ref_dtype(name).dtype or not torch.equal(t, ref_dtype(name)):
+            differ.append(name)
+        k = index[len(got) - 1]
+        # everything yielded for this bucket and the one before must still hold its values
+        for j, (m, u) in enumerate(got):
+            if index[j] >= k - 1 and not torch.equal(u, reference[m].to(u.dtype)):
+                intact = False
+        first = groups[k][0]
+        if len(got) - 1 > first:
+            prev = got[-2][1]
+            adjacent &= t.data_ptr() == prev.data_ptr() + prev.numel() * prev.element_size()
+    if copy:  # tensors of their own: all still intact at the end
+        intact &= all(torch.equal(u, ref_dtype(m)) for m, u in got)
     return {
-        "in_order": [name for name, _ in pairs] == [name for name, _ in params],  # no companion yielded
-        "sequential_calls": len(sequential_calls),
-        "released": all(p.ds_status != ZeroParamStatus.INFLIGHT for _, p in params),
-    }, out
-
-# Control: the spy sees DeepSpeed's per-parameter gather when a lone parameter goes through it.
-import deepspeed
-with deepspeed.zero.GatheredParameters([params[0][1]], modifier_rank=None):
-    pass
-control_calls = len(sequential_calls)
+        "names": [m for m, _ in got],
+        "differ": differ,
+        "intact": intact,
+        "adjacent": adjacent,
+        "statuses_kept": statuses() == before and ZeroParamStatus.INFLIGHT not in statuses(),
+    }
 
 lone = [[i] for i in range(n)]
-result = {"num_params": n, "control_calls": control_calls}
-for label, groups in {"lone": lone, "one bucket": [list(range(n))]}.items():
-    result[label], out = gather(groups)
-    result[label]["differ"] = [k for k, t in out.items() if not torch.equal(t, saved[k])]
+pairs = [[i, i + 1] for i in range(0, n - 1, 2)] + ([[n - 1]] if n % 2 else [])
+cases = {"lone": (lone, False), "pairs": (pairs, False), "one bucket": ([list(range(n))], False),
+         "pairs, copies": (pairs, True)}
+result = {"num_params": n, "names": [m for m, _ in params], "ranks": ranks,
+          "padded": [m for m, p in params if ranks * p.ds_tensor.ds_numel > p.ds_numel]}
+saved = deepspeed_gather()
+for label, (groups, copy) in cases.items():
+    result[label] = check(groups, copy)
+result["pairs, bfloat16"] = check(pairs, False, torch.bfloat16)
+kept = []  # buffers a push keeps for the next one
 
-# One real training step: afterwards ZeRO-3 leaves its "persistent" (small) parameters gathered, so a bucket
-# may hold one partitioned parameter next to gathered ones.
 stage = UpdateStage(engine, cfg.objective.loss_config(), pad_id=0, temperature=1.0, chunk_tokens=1024,
-                    micro_batch_tokens=1 << 20, max_completion_length=8, rank=0, world_size=1,
+                    micro_batch_tokens=1 << 20, max_completion_length=8, rank=rank, world_size=ranks,
                     device=torch.device("cpu"), share_prompts=True)
 rng = random.Random(0)
 rows = [TrainRow([rng.randrange(3, 500) for _ in range(5)], [rng.randrange(3, 500) for _ in range(8)],
                  rng.uniform(-1, 1), [-1.0] * 8) for _ in range(4)]
-pairs = [[i, i + 1] for i in range(0, n - 1, 2)] + ([[n - 1]] if n % 2 else [])
-for step, (label, groups) in enumerate({"lone, trained": lone, "pairs, trained": pairs}.items(), start=1):
+for step, label in enumerate(["lone", "pairs"], start=1):
     stage.step(TrainBatch(step=step, rows=rows))
-    # what the push finds right after a step (a gather ends with every parameter of it partitioned again)
-    persistent = [name for name, p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
-    result[label], out = gather(groups)
-    _, reference = gather([list(range(n))])
-    result[label]["differ"] = [k for k, t in out.items() if not torch.equal(t, reference[k])]
-    result[label]["persistent"] = persistent
-result["moved"] = [k for k, t in reference.items() if not torch.equal(t, saved[k])]
+    result[f"persistent after step {step}"] = [m for m, p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
+    result[f"{label}, trained"] = check(cases[label][0], False, None, kept)
+result["moved"] = [m for m, t in deepspeed_gather().items() if not torch.equal(t, saved[m])]
+if rank == 1:
+    try:
+        next(iter_full_tensors(params, True, pairs, None, send=True))
+        result["refused"] = False
+    except ValueError as e:
+        result["refused"] = "first rank" in str(e)
 print("RESULT " + json.dumps(result))
 """
 
 
-def test_zero3_push_gathers_lone_parameters_through_the_coalesced_path(tiny_model_dir, tmp_path):
-    result = run_one_rank_child(
-        CHILD, tmp_path, str(tiny_model_dir), str(REPO / "configs/cpu-tiny-test.yaml")
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_zero3_push_gathers_each_bucket_to_rank_0_as_deepspeed_does(tiny_model_dir, tmp_path, ranks):
+    results = run_rank_children(
+        CHILD, tmp_path, str(tiny_model_dir), str(REPO / "configs/cpu-tiny-test.yaml"), ranks=ranks
     )
-    assert result["num_params"] > 2
-    assert result["control_calls"] == 1  # the spy does see a per-parameter gather
-    assert result["moved"], "the training step changed no weight"
-    for label in ("lone", "one bucket", "lone, trained", "pairs, trained"):
-        r = result[label]
-        if "trained" in label:
-            # the tiny test config partitions every tensor of 100 elements or more; the smaller ones stay
-            # gathered after a step
-            assert 0 < len(r["persistent"]) < result["num_params"], (label, r)
-        assert r["in_order"] and r["differ"] == [] and r["released"], (label, r)
-        assert r["sequential_calls"] == 0, (label, r)
+    first = results[0]
+    assert first["ranks"] == ranks and first["num_params"] > 2
+    for r in results:
+        assert r["moved"], "the training step changed no weight"
+        # the tiny test config partitions every tensor of 100 elements or more; the smaller ones stay gathered
+        # after a step
+        assert 0 < len(r["persistent after step 1"]) < r["num_params"], r
+        for label in (
+            "lone",
+            "pairs",
+            "one bucket",
+            "pairs, copies",
+            "pairs, bfloat16",
+            "lone, trained",
+            "pairs, trained",
+        ):
+            c = r[label]
+            assert c["names"] == (r["names"] if r is first else []), (label, c)
+            assert c["differ"] == [] and c["intact"] and c["statuses_kept"], (label, c)
+            if "copies" not in label:
+                assert c["adjacent"], (label, c)
+    if ranks > 1:
+        # the tiny model's tensors have 2^k elements: over 3 ranks every one's last run holds padding, which
+        # is received apart and only its real elements copied into place
+        assert set(first["padded"]) == set(first["names"]), first["padded"]
+        assert results[1]["refused"], "rank 1 was allowed to receive the full tensors"

@@ -55,22 +55,57 @@ def run_one_rank_child(source: str, tmp_path: Path, *args: str, timeout_s: float
     ``args``; return the JSON it printed on its last ``RESULT `` line (the test fails with its output if it
     printed none or exited non-zero). For tests whose process-wide state (a process group, a compiled
     function) must not leak into pytest's process."""
+    return run_rank_children(source, tmp_path, *args, ranks=1, timeout_s=timeout_s)[0]
+
+
+def run_rank_children(
+    source: str, tmp_path: Path, *args: str, ranks: int, timeout_s: float = 300
+) -> list[dict]:
+    """``run_one_rank_child`` with ``ranks`` processes of one world; returns each rank's RESULT, by rank. If a
+    rank fails or runs past ``timeout_s``, every rank is killed and the test fails with the outputs."""
     script = tmp_path / "child.py"
     script.write_text(source)
-    env = child_env(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
-    )
-    proc = subprocess.run(
-        [sys.executable, str(script), *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    port = str(free_port())
+    procs = []
+    for rank in range(ranks):
+        env = child_env(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(ranks),
+        )
+        with (tmp_path / f"child{rank}.log").open("w") as log:  # the child keeps its own handle
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(script), *args],
+                    env=env,
+                    cwd=REPO,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    start_new_session=True,
+                )
+            )
+    deadline = time.monotonic() + timeout_s
+    try:  # a failed rank would leave the others waiting in a collective: stop them all at the first failure
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
+    finally:
+        timed_out = time.monotonic() >= deadline and any(p.poll() is None for p in procs)
+        for p in procs:
+            kill_group(p)
+    codes = [p.returncode for p in procs]  # killed: negative
+    outputs = [(tmp_path / f"child{rank}.log").read_text() for rank in range(ranks)]
+    results = []
+    for rank, (code, out) in enumerate(zip(codes, outputs, strict=True)):
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        why = f"ran past {timeout_s} s and was killed" if timed_out else f"exited {code}"
+        assert code == 0 and lines, f"rank {rank} {why}:\n" + "\n".join(o[-3000:] for o in outputs)
+        results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+    return results
 
 
 def kill_group(proc: subprocess.Popen) -> None:

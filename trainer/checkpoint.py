@@ -262,7 +262,7 @@ def export_hf(hf_model, tokenizer, out_dir: Path, rank: int, zero3: bool) -> Non
     """save_pretrained (+ tokenizer). Under ZeRO-3 the full weights are gathered first (all ranks join)."""
     params = list(hf_model.named_parameters())
     if zero3:
-        # Gather in ~256 MB groups; rank 0 keeps CPU copies, others only join the all-gathers.
+        # Gather to rank 0 in ~256 MB groups; rank 0 keeps CPU copies, the others only send their partitions.
         groups = gather_groups(params, 256 << 20, params[0][1].element_size())
         state = {name: t.cpu() for name, t in iter_full_tensors(params, True, groups, None, send=rank == 0)}
     else:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import numbers
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -316,19 +317,19 @@ class SafeReward:
     def _clean(self, v: Any) -> tuple[float, bool]:
         if v is None:
             return 0.0, True
-        # Any real number, numpy's and one-element tensors' too (TRL takes them); not a bool of any library
-        # (`pred == gold` returned by mistake), a complex number, a string or a list.
-        dtype = str(getattr(v, "dtype", ""))
-        if isinstance(v, bool) or "bool" in dtype or "complex" in dtype or not hasattr(type(v), "__float__"):
+        # Any real number, numpy's and one-element tensors' too (TRL takes them): `.item()` turns those into
+        # Python's own, whose type then decides. Not a bool of any library (`pred == gold` returned by mistake),
+        # a complex number, a string or a list.
+        if hasattr(v, "item"):
+            try:
+                v = v.item()
+            except (ValueError, RuntimeError):  # several elements
+                return 0.0, False
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
             return 0.0, False
         try:
             x = float(v)
-        except (
-            TypeError,
-            ValueError,
-            RuntimeError,
-            OverflowError,
-        ):  # e.g. a tensor of several elements, 10**400
+        except OverflowError:  # e.g. 10**400
             return 0.0, False
         return (x, True) if math.isfinite(x) else (0.0, False)
 
