@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.trainer_support import REPO, run_rank_children
+from tests.trainer_support import REPO, rollout_server, run_rank_children
 
 CHILD = r"""
 import datetime, json, random, sys
@@ -135,3 +135,64 @@ def test_zero3_push_gathers_each_bucket_to_rank_0_as_deepspeed_does(tiny_model_d
         # is received apart and only its real elements copied into place
         assert set(first["padded"]) == set(first["names"]), first["padded"]
         assert results[1]["refused"], "rank 1 was allowed to receive the full tensors"
+
+
+FAILING_RANK_CHILD = r"""
+import datetime, json, sys, time
+import torch, torch.distributed as dist
+import trainer.weight_sync as ws
+from trainer.config import load_config
+from trainer.engine_setup import build_engine
+
+model_dir, config, url = sys.argv[1], sys.argv[2], sys.argv[3]
+# the trainer group's timeout bounds how long rank 0 waits for sends that will never come
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=15))
+rank = dist.get_rank()
+cfg = load_config(config, [f"model.name_or_path={model_dir}", "deepspeed.zero_stage=3", "model.dtype=float32"])
+engine, _, _ = build_engine(cfg, model_dir, 1, 10)
+sync = ws.WeightSync(engine.module.model, server_urls=[url], api_token=None, rank=rank, zero3=True,
+                     backend="gloo", master_addr="127.0.0.1", master_port=0, bucket_bytes=64 << 10,
+                     timeout_s=60.0)
+sync.connect()
+result = {"first push": sorted(sync.push(1))[:1]}  # a whole push works
+if rank == 1:  # this rank's gather fails at the third bucket
+    calls, original = [], ws._gather_group
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected gather failure")
+        return original(*args, **kwargs)
+    ws._gather_group = failing
+t0 = time.monotonic()
+try:
+    sync.push(2)
+    result["raised"] = None
+except Exception as e:
+    result["raised"] = type(e).__name__
+    result["message"] = str(e)
+result["seconds"] = time.monotonic() - t0
+sync.close()
+print("RESULT " + json.dumps(result))
+"""
+
+
+def test_a_gather_that_fails_on_one_rank_fails_the_push_on_every_rank(tiny_model_dir, tmp_path):
+    """Rank 1's gather raises midway through a push: both ranks raise ``WeightSyncFailed`` within the trainer
+    group's timeout (15 s here), rank 1's naming the failure; rank 0's receives from rank 1 time out, which
+    closes gloo's connections, so the push is not retried on that group."""
+    with rollout_server(tiny_model_dir, tmp_path / "server.log") as (url, _):
+        results = run_rank_children(
+            FAILING_RANK_CHILD,
+            tmp_path,
+            str(tiny_model_dir),
+            str(REPO / "configs/cpu-tiny-test.yaml"),
+            url,
+            ranks=2,
+            timeout_s=240,
+        )
+    for rank, r in enumerate(results):
+        assert r["first push"], (rank, r)
+        assert r["raised"] == "WeightSyncFailed", (rank, r)
+        assert "could not share its outcome" in r["message"], (rank, r)
+        assert r["seconds"] < 60, (rank, r)
+    assert "rank 1's gather failed: RuntimeError: injected gather failure" in results[1]["message"]

@@ -35,7 +35,13 @@ log = logging.getLogger(__name__)
 
 
 class WeightSyncFailed(RuntimeError):
-    """The weights could not be pushed (after the one retry); the same message is raised on every rank."""
+    """The weights could not be pushed (after the one retry); the same message is raised on every rank, unless
+    the trainer's own group failed during the push (``retry`` False: a retry would need that group), when
+    each rank raises what it knows."""
+
+    def __init__(self, message: str, retry: bool = True):
+        super().__init__(message)
+        self.retry = retry
 
 
 def named_hf_parameters(hf_model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -304,6 +310,8 @@ class WeightSync:
         try:
             return self._push_once(version)
         except WeightSyncFailed as e:
+            if not e.retry:
+                raise
             log.warning("%s; waiting for the servers, re-opening the sync group and retrying once", e)
             return self.resync(version)
 
@@ -380,7 +388,18 @@ class WeightSync:
             own = (
                 f"weight sync of version {version}: rank {self.rank}'s gather failed: {type(e).__name__}: {e}"
             )
-        result = broadcast_object(own if own and not isinstance(result, str) else result)
+            log.error("%s", own)
+        try:
+            result = broadcast_object(own if own and not isinstance(result, str) else result)
+        except Exception as e:
+            # The trainer group itself failed: a rank's gather broke off, so the others' transfers with it ran
+            # into the group's timeout, which closes gloo's connections. Nothing can be agreed on any more.
+            known = own or (result if isinstance(result, str) else "")
+            raise WeightSyncFailed(
+                f"weight sync of version {version}: the trainer ranks could not share its outcome "
+                f"({type(e).__name__}: {e}); on rank {self.rank}: {known or 'no error of its own'}",
+                retry=False,
+            ) from e
         if isinstance(result, str) or own:
             raise WeightSyncFailed(result if isinstance(result, str) else own)
         return result
