@@ -8,8 +8,9 @@ partitions are what the optimizer wrote): with every parameter in a bucket of it
 bucket, rank 0 gets every tensor in order and equal to DeepSpeed's, the other rank gets none, a bucket's
 tensors lie back to back (the push sends them without packing), with reused buffers a bucket's tensors are
 still intact when the next bucket has been gathered (the push keeps two buckets on the wire), a cast to
-another dtype is exact, no parameter is left gathered or in flight, and a receiving rank other than the first
-is refused.
+another dtype is exact, no parameter is left gathered or in flight, a receiving rank other than the first
+is refused, a gather that no rank asks for yields nothing and does not hang, and partitions of two dtypes
+with no dtype to push in are refused.
 """
 
 from __future__ import annotations
@@ -100,6 +101,13 @@ if rank == 1:
         result["refused"] = False
     except ValueError as e:
         result["refused"] = "first rank" in str(e)
+# no rank asks for the tensors (the first rank still receives what the others send): nothing, and no hang
+result["none sent"] = len(list(iter_full_tensors(params, True, pairs, None, send=False)))
+params[1][1].ds_tensor.data = params[1][1].ds_tensor.data.double()  # a bucket would have to cast it silently
+try:
+    result["mixed"] = len(list(iter_full_tensors(params, True, pairs, None, send=rank == 0)))
+except ValueError as e:
+    result["mixed"] = str(e)
 print("RESULT " + json.dumps(result))
 """
 
@@ -135,6 +143,12 @@ def test_zero3_push_gathers_each_bucket_to_rank_0_as_deepspeed_does(tiny_model_d
         # is received apart and only its real elements copied into place
         assert set(first["padded"]) == set(first["names"]), first["padded"]
         assert results[1]["refused"], "rank 1 was allowed to receive the full tensors"
+        # partitions of two dtypes with no dtype to push in: refused on every rank before anything moves
+        assert all("mix dtypes" in str(r["mixed"]) for r in results), [r["mixed"] for r in results]
+    else:
+        # one rank sends its partitions as they are, each in its own dtype
+        assert first["mixed"] == first["num_params"], first["mixed"]
+    assert [r["none sent"] for r in results] == [0] * ranks
 
 
 FAILING_RANK_CHILD = r"""

@@ -264,7 +264,10 @@ def export_hf(hf_model, tokenizer, out_dir: Path, rank: int, zero3: bool) -> Non
     if zero3:
         # Gather to rank 0 in ~256 MB groups; rank 0 keeps CPU copies, the others only send their partitions.
         groups = gather_groups(params, 256 << 20, params[0][1].element_size())
-        state = {name: t.cpu() for name, t in iter_full_tensors(params, True, groups, None, send=rank == 0)}
+        # One copy of each tensor into host memory: from a GPU that is .cpu(); on a CPU .cpu() would share the
+        # gather's buffers (reused for the next groups), so it is clone().
+        gathered = iter_full_tensors(params, True, groups, None, send=rank == 0, copy=False)
+        state = {name: (t.cpu() if t.is_cuda else t.clone()) for name, t in gathered}
     else:
         state = None
     if rank == 0:

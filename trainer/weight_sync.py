@@ -92,7 +92,8 @@ def iter_full_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Full tensors in order, in ``dtype`` if given. Every rank must drain this iterator (ZeRO-3 gathers
     inside) and only the sending rank gets tensors: under ZeRO-3 that is the first rank of the parameters'
-    partition group (``send`` on any other rank is an error).
+    partition group (``send`` on any other rank is an error; without ``send`` the first rank still receives
+    what the others send, and yields nothing).
 
     Under ZeRO-3 each of ``groups`` (consecutive indices into ``params``) is gathered to the sender
     (``_gather_group``) into one flat buffer where its tensors lie back to back, so the push sends it without
@@ -113,7 +114,8 @@ def iter_full_tensors(
     group = params[0][1].ds_process_group
     if any(p.ds_process_group is not group for _, p in params):
         raise ValueError("the ZeRO-3 parameters are partitioned over different process groups")
-    if send and torch.distributed.get_rank(group) != 0:
+    first = torch.distributed.get_rank(group) == 0  # the rank the gather delivers to, whatever ``send`` says
+    if send and not first:
         raise ValueError(
             "under ZeRO-3 only the first rank of the partition group can receive the full tensors"
         )
@@ -122,31 +124,43 @@ def iter_full_tensors(
         dtype in (None, p.ds_tensor.dtype) for _, p in params
     ):
         # One rank: its partitions are the full tensors, in DeepSpeed's flat buffer: send straight from there
+        if not send:
+            return
         for name, p in params:
             t = p.ds_tensor.reshape(-1)[: p.ds_numel].view(p.ds_shape)
             yield name, (t.clone() if copy else t)
         return
     from rollout_server.weight_transfer import MAX_BUCKETS_IN_FLIGHT as in_turn
 
+    dtypes = {p.ds_tensor.dtype for _, p in params}
+    if dtype is None and len(dtypes) > 1:
+        # a bucket is one flat buffer of one dtype: without a target dtype, some tensors would be cast silently
+        raise ValueError(
+            f"the ZeRO-3 partitions mix dtypes {sorted(map(str, dtypes))}: give the push's dtype"
+        )
     if slots is None:
         slots = []
     slots.extend([None] * (in_turn - len(slots)))
-    for k, indices in enumerate(groups):
-        members = [params[i] for i in indices]
-        out = _gather_group(members, group, dtype, send, slots[k % in_turn])
-        if out is None:
-            continue
-        slots[k % in_turn] = out
-        offset = 0
-        for name, p in members:
-            n = p.ds_numel
-            t = out[offset : offset + n].view(p.ds_shape)
-            # copy: a tensor of its own (a checkpoint keeps them all, and safetensors refuses shared memory)
-            yield name, (t.clone() if copy else t)
-            offset += n
-    if any(s is not None and s.device.type != "cpu" for s in slots):
-        # A GPU's caching allocator reuses the memory anyway; kept, it would hold buckets for the whole run.
-        slots[:] = [None] * in_turn
+    try:
+        for k, indices in enumerate(groups):
+            members = [params[i] for i in indices]
+            out = _gather_group(members, group, dtype, first, slots[k % in_turn])
+            if out is None:
+                continue
+            slots[k % in_turn] = out
+            if not send:
+                continue
+            offset = 0
+            for name, p in members:
+                n = p.ds_numel
+                t = out[offset : offset + n].view(p.ds_shape)
+                # copy: a tensor of its own (a checkpoint keeps them all, and safetensors refuses shared memory)
+                yield name, (t.clone() if copy else t)
+                offset += n
+    finally:  # also when a push stops midway
+        if any(s is not None and s.device.type != "cpu" for s in slots):
+            # A GPU's caching allocator reuses the memory anyway; kept, it would hold buckets for the whole run.
+            slots[:] = [None] * in_turn
 
 
 def _check_partitions(params: list[tuple[str, torch.nn.Parameter]]) -> None:
@@ -202,6 +216,7 @@ def _gather_group(
     total = sum(p.ds_numel for _, p in members)
     if out is None or out.numel() < total or out.dtype != full_dtype or out.device != device:
         out = torch.empty(total, dtype=full_dtype, device=device)
+    peers = [dist.get_global_rank(group, q) for q in range(ranks)]  # group rank -> global rank
     ops, later = [], []  # later: (received run, where its real elements go)
     offset = 0
     for _, p in members:
@@ -216,7 +231,7 @@ def _gather_group(
             else:
                 run = torch.empty(size, dtype=mine.dtype, device=device)
                 later.append((run[:real], place))
-            ops.append(dist.P2POp(dist.irecv, run, dist.get_global_rank(group, q), group))
+            ops.append(dist.P2POp(dist.irecv, run, peers[q], group))
         offset += n
     if ops:
         for work in dist.batch_isend_irecv(ops):
@@ -376,10 +391,15 @@ class WeightSync:
                 result = (
                     f"weight sync of version {version} to {self.server_urls} failed: {type(e).__name__}: {e}"
                 )
+                # The transfer may have stopped with buckets still being sent from the kept buffers: the drain
+                # below gathers into fresh ones rather than under a send that has not let go of them.
+                self._gather_slots[:] = [None] * len(self._gather_slots)
         else:
             result = {}
         # Every rank drains the gathers (rank 0's push may have stopped midway) and reaches the broadcast below
-        # even if its own gather raised, so a failure on one rank raises on all instead of leaving them waiting.
+        # even if its own gather raised, so a failure on one rank raises on all instead of leaving them waiting
+        # (over gloo, after the group's timeout; over NCCL a receive that never completes is not an error that
+        # reaches Python: its watchdog ends the processes after the same timeout).
         own = None
         try:
             for _ in tensors:
