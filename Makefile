@@ -48,6 +48,7 @@ bench-rollout: install
 	$(PY) scripts/bench_rollout.py
 	$(PY) scripts/bench_zero3_sync.py
 	$(PY) scripts/bench_vllm.py
+	$(PY) scripts/bench_vllm_reload.py
 
 bench-train: install
 	$(PY) scripts/bench_train.py

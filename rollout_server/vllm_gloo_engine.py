@@ -80,6 +80,8 @@ def _engine_classes():
             # the layers' own storage (finish_weight_update ends it), so they are free by the next update;
             # receiving into warm pages instead of fresh ones saves the page faults of a model's worth of RAM.
             self.buffers: list[torch.Tensor] = []
+            # Checkpoint names of the update being loaded: which embedding-shaped layers vLLM reprocessed itself
+            self.loaded: set[str] | None = None
 
         def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
             from vllm.distributed import get_tensor_model_parallel_rank
@@ -95,13 +97,14 @@ def _engine_classes():
         def start_weight_update(self) -> None:
             from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+            self.loaded = None
             initialize_layerwise_reload(self.model)
 
         def finish_weight_update(self) -> None:
             from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
             finalize_layerwise_reload(self.model, self.model_config)
-            refresh_cpu_embedding_gemms(self.model)
+            refresh_cpu_embedding_gemms(self.model, self.loaded)
 
         def update_weights(self, update_info: dict[str, Any]) -> None:
             # Never raise from here: when a worker's update_weights raises, vLLM ends the update session
@@ -157,6 +160,7 @@ def _engine_classes():
             finally:
                 self.buffers.extend(used)
             wire_s = time.monotonic() - t0
+            self.loaded = {name for name, _ in staged}
             self.model.load_weights(staged)
             return wire_s
 
@@ -169,23 +173,39 @@ def _engine_classes():
     return GlooInitInfo, GlooUpdateInfo, GlooWeightTransferEngine
 
 
-def refresh_cpu_embedding_gemms(model: torch.nn.Module) -> int:
-    """Rebuild vLLM CPU's prepacked GEMM handles of embedding-shaped layers (the LM head reads the
-    embedding through them when tied) from their current weights; returns how many were rebuilt."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+def refresh_cpu_embedding_gemms(model: torch.nn.Module, loaded: set[str] | None = None) -> int:
+    """Rebuild the prepacked GEMM handles of vLLM CPU that a reload left stale; returns how many were rebuilt.
+
+    A tied LM head receives no tensor of its own (vLLM logs "ParallelLMHead: Failed to load weights"), so its
+    handle still holds the OLD embedding while its weight already shares the new one: it is always rebuilt.
+    An embedding-shaped layer whose own weight is in ``loaded`` (checkpoint names) was processed by vLLM's
+    reload and has a fresh handle; rebuilding it again cost as much as the head's (28 ms for a 16,384 x 768
+    embedding, half of this function's time before). ``loaded`` None: rebuild every one."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return 0
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
+    layers = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, VocabParallelEmbedding)
+        and hasattr(module, "cpu_linear")
+        and getattr(module, "weight", None) is not None
+        and module.weight.numel() > 0
+    ]
     n = 0
-    for module in model.modules():
-        if isinstance(module, VocabParallelEmbedding) and hasattr(module, "cpu_linear"):
-            weight = getattr(module, "weight", None)
-            if weight is not None and weight.numel() > 0:
-                dispatch_cpu_unquantized_gemm(module, remove_weight=False)
-                n += 1
+    for name, module in layers:
+        tied = any(
+            other is not module and other.weight.data_ptr() == module.weight.data_ptr() for _, other in layers
+        )
+        processed = loaded is not None and f"{name}.weight" in loaded
+        if processed and not (tied and isinstance(module, ParallelLMHead)):
+            continue
+        dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+        n += 1
     return n
 
 
