@@ -29,6 +29,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -296,6 +297,13 @@ def _adjacent_span(chunk: list[torch.Tensor], nbytes: int) -> torch.Tensor | Non
     return span.set_(storage, start, (nbytes,))  # [nbytes], no copy
 
 
+# Buckets ``send_buckets`` keeps on the wire at once: it waits for bucket k before it asks for bucket
+# k + MAX_BUCKETS_IN_FLIGHT. A producer that reuses its buffers (the packer's slots below, the ZeRO-3 gather,
+# ``trainer.weight_sync.iter_full_tensors``) keeps this many in turn, so a buffer is refilled only after it
+# was sent.
+MAX_BUCKETS_IN_FLIGHT = 2
+
+
 def iter_packed_buckets(
     manifest: WeightManifest,
     tensors: Iterable[tuple[str, torch.Tensor]],
@@ -309,8 +317,9 @@ def iter_packed_buckets(
     sending one before advancing the iterator, which may free it (e.g. a ZeRO-3 gather context exiting).
 
     Each tensor is checked against the manifest (name, dtype, shape) before packing: a mismatch would make the
-    two sides cut the byte stream differently. With `slots` (a list of 2 reusable buffers, grown as needed)
-    bucket k is packed into slot k % 2: the caller must have finished sending bucket k-2 before asking for k.
+    two sides cut the byte stream differently. With `slots` (a list of `MAX_BUCKETS_IN_FLIGHT` reusable
+    buffers, grown as needed) bucket k is packed into slot k % MAX_BUCKETS_IN_FLIGHT: the caller must have
+    finished sending the bucket that used it before asking for k (`send_buckets` has).
     """
     it = iter(tensors)
     device = torch.device(device)
@@ -338,20 +347,14 @@ def iter_packed_buckets(
         if slots is None:
             out = torch.empty(b.nbytes, dtype=torch.uint8, device=device)  # [nbytes]
         else:
-            if len(slots) < 2:
-                slots.extend(torch.empty(0, dtype=torch.uint8, device=device) for _ in range(2 - len(slots)))
-            if slots[k % 2].numel() < b.nbytes or slots[k % 2].device != device:
-                slots[k % 2] = torch.empty(b.nbytes, dtype=torch.uint8, device=device)
-            out = slots[k % 2][: b.nbytes]  # [nbytes]
+            depth = MAX_BUCKETS_IN_FLIGHT
+            slots.extend(torch.empty(0, dtype=torch.uint8, device=device) for _ in range(depth - len(slots)))
+            if slots[k % depth].numel() < b.nbytes or slots[k % depth].device != device:
+                slots[k % depth] = torch.empty(b.nbytes, dtype=torch.uint8, device=device)
+            out = slots[k % depth][: b.nbytes]  # [nbytes]
         yield pack_bucket(b, chunk, out=out), False
     if next(it, None) is not None:
         raise WeightTransferError("more tensors than the manifest declares")
-
-
-# Buckets ``send_buckets`` keeps on the wire at once: it waits for bucket k before it asks for bucket k + 2. A
-# producer that reuses its buffers (the ZeRO-3 gather, ``trainer.weight_sync.iter_full_tensors``) keeps this
-# many in turn, so a bucket's buffer is refilled only after it was sent.
-MAX_BUCKETS_IN_FLIGHT = 2
 
 
 def send_buckets(
@@ -363,27 +366,26 @@ def send_buckets(
 ) -> int:
     """Broadcast every (buffer, borrowed) of ``iter_packed_buckets``; returns the bytes that were packed.
 
-    Pipelined: bucket k is on the wire while bucket k+1 is gathered and packed (at most
-    ``MAX_BUCKETS_IN_FLIGHT`` = 2 in flight, which the packer's two slots allow). A borrowed bucket views the caller's own tensors: unless they stay put
-    until the push ends (``tensors_stay``), it must be sent before the iterator moves on and may free them.
+    Pipelined: bucket k is on the wire while bucket k+1 is gathered and packed, at most
+    ``MAX_BUCKETS_IN_FLIGHT`` in flight (as many as the producers' buffers in turn). A borrowed bucket views
+    the caller's own tensors: unless they stay put until the push ends (``tensors_stay``), it must be sent
+    before the iterator moves on and may free them.
     """
 
     def wait(handle) -> None:
         group.wait(handle, max(1.0, deadline - time.monotonic()), abort=abort)
 
-    in_flight = None
+    in_flight: deque = deque()  # oldest first
     copied = 0
     for buf, borrowed in buckets:
         copied += 0 if borrowed else buf.numel()
-        handle = group.broadcast_async(buf)
-        if in_flight is not None:
-            wait(in_flight)
-        in_flight = handle
-        if borrowed and not tensors_stay:
-            wait(in_flight)
-            in_flight = None
-    if in_flight is not None:
-        wait(in_flight)
+        in_flight.append(group.broadcast_async(buf))
+        # before the iterator is asked for the next bucket, whose buffer may be the oldest one's
+        keep = 0 if borrowed and not tensors_stay else MAX_BUCKETS_IN_FLIGHT - 1
+        while len(in_flight) > keep:
+            wait(in_flight.popleft())
+    while in_flight:
+        wait(in_flight.popleft())
     return copied
 
 

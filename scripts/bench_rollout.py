@@ -258,7 +258,7 @@ def zero3_layout(model_dir: Path, named: list):
 
     def tensors(bucket_bytes: int):
         groups = bucket_groups(manifest, bucket_bytes)
-        return iter_full_tensors(params, True, groups, None, send=True, copy=False, slots=slots)
+        return iter_full_tensors(params, True, groups, None, send=True, slots=slots)
 
     return tensors
 

@@ -140,7 +140,7 @@ def rank_main(args) -> None:
         if "DeepSpeed" in item:
             tensors = deepspeed_tensors(params, groups, send=rank == 0)
         else:
-            tensors = iter_full_tensors(params, True, groups, None, send=rank == 0, copy=False, slots=slots)
+            tensors = iter_full_tensors(params, True, groups, None, send=rank == 0, slots=slots)
         if rank == 0 and not item.startswith("gather alone"):
             version += 1
             if item == "push, announced":

@@ -266,7 +266,7 @@ def export_hf(hf_model, tokenizer, out_dir: Path, rank: int, zero3: bool) -> Non
         groups = gather_groups(params, 256 << 20, params[0][1].element_size())
         # One copy of each tensor into host memory: from a GPU that is .cpu(); on a CPU .cpu() would share the
         # gather's buffers (reused for the next groups), so it is clone().
-        gathered = iter_full_tensors(params, True, groups, None, send=rank == 0, copy=False)
+        gathered = iter_full_tensors(params, True, groups, None, send=rank == 0)
         state = {name: (t.cpu() if t.is_cuda else t.clone()) for name, t in gathered}
     else:
         state = None

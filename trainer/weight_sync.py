@@ -87,7 +87,6 @@ def iter_full_tensors(
     groups: list[list[int]],
     dtype: torch.dtype | None,
     send: bool,
-    copy: bool = True,
     slots: list[torch.Tensor | None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Full tensors in order, in ``dtype`` if given. Every rank must drain this iterator (ZeRO-3 gathers
@@ -97,11 +96,11 @@ def iter_full_tensors(
 
     Under ZeRO-3 each of ``groups`` (consecutive indices into ``params``) is gathered to the sender
     (``_gather_group``) into one flat buffer where its tensors lie back to back, so the push sends it without
-    packing it. ``copy=False`` uses the buffers of ``slots`` in turn, ``MAX_BUCKETS_IN_FLIGHT`` of them (a
-    caller that keeps the list keeps CPU ones warm for its next call: fresh ones cost page faults): a group's
-    tensors stay valid until the iterator has yielded the tensors of that many more groups, which the push's
-    pipeline allows (``send_buckets``). The push's gather groups must therefore be its buckets.
-    ``copy=True`` yields tensors of their own. On one rank, without a cast, the partitions themselves are
+    packing it. It uses the buffers of ``slots`` in turn, ``MAX_BUCKETS_IN_FLIGHT`` of them (a caller that
+    keeps the list keeps CPU ones warm for its next call: fresh ones cost page faults): a group's tensors stay
+    valid until the iterator has yielded the tensors of that many more groups, which the push's pipeline
+    allows (``send_buckets``). The push's gather groups must therefore be its buckets, and a caller that keeps
+    tensors longer copies them (the checkpoint export does). On one rank, without a cast, the partitions themselves are
     yielded: views of DeepSpeed's flat buffer, valid until the next optimizer step. Under ZeRO-1/2 the
     parameters themselves are yielded (cast if ``dtype`` differs)."""
     if not zero3:
@@ -128,7 +127,7 @@ def iter_full_tensors(
             return
         for name, p in params:
             t = p.ds_tensor.reshape(-1)[: p.ds_numel].view(p.ds_shape)
-            yield name, (t.clone() if copy else t)
+            yield name, t
         return
     from rollout_server.weight_transfer import MAX_BUCKETS_IN_FLIGHT as in_turn
 
@@ -154,8 +153,7 @@ def iter_full_tensors(
             for name, p in members:
                 n = p.ds_numel
                 t = out[offset : offset + n].view(p.ds_shape)
-                # copy: a tensor of its own (a checkpoint keeps them all, and safetensors refuses shared memory)
-                yield name, (t.clone() if copy else t)
+                yield name, t
                 offset += n
     finally:  # also when a push stops midway
         if any(s is not None and s.device.type != "cpu" for s in slots):
@@ -355,7 +353,6 @@ class WeightSync:
             self.gather_groups,
             self.dtype,
             send=self.rank == 0,
-            copy=False,
             slots=self._gather_slots,
         )
         result: dict[str, float] | str
